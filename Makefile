@@ -1,0 +1,49 @@
+# internlm-kit developer and user entry points. `make setup`, then `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The dev environment's torch: on these CPU machines 2.13.0 is the CPU build already on disk.
+TORCH  ?= torch==2.13.0
+PROFILE ?=
+MODEL  ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast chat serve doctor bench clean
+
+setup: $(VENV)/.installed
+ifneq ($(strip $(PROFILE)),)
+	$(BIN)/internlm-kit install --profile $(PROFILE) --python $(BIN)/python --yes
+endif
+	@echo "--- internlm-kit doctor (what this machine can and cannot do) ---"
+	@$(BIN)/internlm-kit doctor || echo "(the doctor found problems: each one above has its fix)"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[chat,serve,test]"
+	touch $@
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Everything but the tests that build venvs or install packages.
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+doctor: $(VENV)/.installed
+	$(BIN)/internlm-kit doctor $(if $(MODEL),--model $(MODEL),)
+
+chat: $(VENV)/.installed
+	$(BIN)/internlm-kit download $(if $(MODEL),$(MODEL),)
+	$(BIN)/internlm-kit chat $(if $(MODEL),--model $(MODEL),)
+
+serve: $(VENV)/.installed
+	$(BIN)/internlm-kit download $(if $(MODEL),$(MODEL),)
+	$(BIN)/internlm-kit serve $(if $(MODEL),--model $(MODEL),)
+
+bench: $(VENV)/.installed
+	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info

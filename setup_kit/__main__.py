@@ -1,0 +1,3 @@
+from setup_kit.cli import main
+
+main()

@@ -1,0 +1,64 @@
+"""The `internlm-kit` command: wires each verb to its module in `setup_kit.commands`.
+
+Nothing heavy is imported here or in `setup_kit.commands.*` at module level:
+`internlm-kit --help` must not import torch or transformers.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from setup_kit import __version__
+from setup_kit.commands import chat, convert, doctor, download, install, serve
+from setup_kit.errors import KitError
+
+app = typer.Typer(
+    name="internlm-kit",
+    help="Get the InternLM2 chat model running on your own machine, and keep it running.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+app.command("doctor")(doctor.command)
+app.command("install")(install.command)
+app.command("download")(download.command)
+app.command("chat")(chat.command)
+app.command("convert")(convert.command)
+app.command("serve")(serve.command)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"internlm-kit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Get the InternLM2 chat model running on your own machine, and keep it running."""
+
+
+def report_error(exc: KitError) -> None:
+    """One paragraph on stderr: what went wrong, then what to do next."""
+    text = exc.message.rstrip()
+    if exc.fix:
+        text += f"\n  fix: {exc.fix}"
+    print(f"internlm-kit: error: {text}", file=sys.stderr)
+
+
+def main() -> None:
+    try:
+        app()
+    except KitError as exc:
+        report_error(exc)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("internlm-kit: interrupted", file=sys.stderr)
+        sys.exit(130)

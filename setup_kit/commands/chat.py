@@ -1,0 +1,10 @@
+"""`internlm-kit chat`."""
+
+from __future__ import annotations
+
+import typer
+
+
+def command() -> None:
+    """(being built)"""
+    raise typer.Exit(2)

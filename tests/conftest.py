@@ -1,0 +1,9 @@
+"""Fixtures live in tests/fixtures/, one module per kind of situation a user is in."""
+
+pytest_plugins = [
+    "fixtures.models",   # tiny InternLM2 checkpoints and tokenizers
+    "fixtures.venvs",    # throwaway virtual environments with real (old) packages
+    "fixtures.hub",      # a hub-compatible HTTP server on 127.0.0.1
+    "fixtures.gpu",      # fake nvidia-smi executables printing real drivers' output
+    "fixtures.servers",  # OpenAI-compatible servers started on 127.0.0.1
+]
