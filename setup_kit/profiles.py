@@ -14,7 +14,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-NOT_PROFILES = {"known_issues"}
+NOT_PROFILES = {"known_issues", "cuda"}
 
 
 @dataclass(frozen=True)
