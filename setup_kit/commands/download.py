@@ -2,9 +2,51 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import List, Optional
+
 import typer
 
 
-def command() -> None:
-    """(being built)"""
-    raise typer.Exit(2)
+def command(
+    repo: str = typer.Argument("internlm/internlm2-chat-1_8b", help="Hub repo id (OWNER/NAME)."),
+    local_dir: Optional[Path] = typer.Option(None, "--local-dir", help="Folder to put the model in "
+                                             "(default: ~/models/<name>, or $INTERNLM_KIT_MODELS/<name>)."),
+    source: str = typer.Option("auto", "--source", help="auto | hf | modelscope | local. auto: a local copy if "
+                               "there is one, else the hub, else ModelScope when the hub is unreachable."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hub endpoint or mirror, e.g. "
+                                           "https://hf-mirror.com (default: $HF_ENDPOINT or huggingface.co)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit (default: main)."),
+    from_dir: Optional[Path] = typer.Option(None, "--from", help="Copy (or hard-link) from this folder."),
+    include: Optional[List[str]] = typer.Option(None, "--include", help="Only files matching this glob "
+                                                "(repeatable), e.g. --include '*.json'."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the files, sizes and what would be fetched; "
+                                 "change nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (repo, revision, path, files, "
+                                 "bytes, verified) instead of the path."),
+) -> None:
+    """Fetch the model from the hub, a mirror, ModelScope or a local copy; resume; verify every file."""
+    import json
+    import sys
+
+    from rich.console import Console
+
+    from setup_kit.download import DownloadRequest, download
+
+    err = Console(stderr=True, soft_wrap=True)
+    result = download(DownloadRequest(repo=repo, local_dir=local_dir, source=source, endpoint=endpoint,
+                                      revision=revision, from_dir=from_dir, include=include or None,
+                                      dry_run=dry_run, progress=not as_json), console=err)
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+        return
+    if dry_run:
+        out = Console()
+        for f in result.files:
+            out.print(f"  {f['action']:>8}  {f['size']:>14,}  {f['path']}", highlight=False)
+        out.print(f"  total {result.bytes:,} bytes; destination {result.path}", highlight=False)
+        return
+    state = "verified" if result.verified else "NOT verified"
+    err.print(f"[green]done[/]: {len(result.files)} files, {result.bytes:,} bytes, {state} "
+              f"({result.verification}); {result.transferred:,} bytes transferred this run.")
+    sys.stdout.write(result.path + "\n")

@@ -1,0 +1,366 @@
+"""Choosing where the model comes from, and running that source to a verified folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from setup_kit import DEFAULT_REPO
+from setup_kit.download import hub, local, modelscope
+from setup_kit.download.integrity import VerifiedRecord, hash_file, state_dir_for
+from setup_kit.download.manifest import (
+    FileState,
+    Manifest,
+    Plan,
+    RemoteFile,
+    check_free_space,
+    human_bytes,
+)
+from setup_kit.download.progress import DownloadProgress
+from setup_kit.errors import KitError, UsageError
+
+SOURCES = ("auto", "hf", "modelscope", "local")
+WORKERS = 8  # as many files in flight as `hf download` has
+
+
+@dataclass
+class DownloadRequest:
+    repo: str = DEFAULT_REPO
+    local_dir: Path | None = None
+    source: str = "auto"
+    endpoint: str | None = None
+    revision: str | None = None
+    from_dir: Path | None = None
+    include: list[str] | None = None
+    dry_run: bool = False
+    progress: bool = True
+
+
+@dataclass
+class DownloadResult:
+    repo: str
+    revision: str
+    path: str
+    source: str
+    files: list[dict] = field(default_factory=list)
+    bytes: int = 0
+    transferred: int = 0
+    verified: bool = False
+    verification: str = ""
+    commit: str | None = None
+    dry_run: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class Cancelled(Exception):
+    """Raised inside a transfer when the user pressed Ctrl-C: the partial file is kept."""
+
+
+def validate(req: DownloadRequest) -> DownloadRequest:
+    if req.repo.count("/") != 1 or not all(req.repo.split("/")):
+        raise UsageError(f"{req.repo!r} is not a repo id.", "give it as OWNER/NAME, e.g. internlm/internlm2-chat-1_8b.")
+    if req.source not in SOURCES:
+        raise UsageError(f"--source {req.source!r} is not one of {', '.join(SOURCES)}.",
+                         "use --source auto (the default), hf, modelscope or local.")
+    if req.from_dir is not None:
+        if req.source in ("hf", "modelscope"):
+            raise UsageError(f"--from only makes sense with --source local or auto, not {req.source}.",
+                             "drop --from, or use --source local.")
+        if not Path(req.from_dir).is_dir():
+            raise UsageError(f"--from {req.from_dir}: no such folder.", "give the folder that holds config.json.")
+    if req.local_dir is None:
+        from setup_kit.locations import default_model_dir
+
+        req.local_dir = default_model_dir(req.repo)
+    req.local_dir = Path(req.local_dir).expanduser().absolute()
+    if req.local_dir.exists() and not req.local_dir.is_dir():
+        raise UsageError(f"--local-dir {req.local_dir} is a file.", "choose a folder path.")
+    return req
+
+
+def download(req: DownloadRequest, console: Console | None = None) -> DownloadResult:
+    """Run the request; raise KitError on anything that stops it. ``console`` gets progress and steps."""
+    req = validate(req)
+    console = console or Console(stderr=True)
+    if "." in req.local_dir.name:
+        console.print(f"[yellow]note:[/] the folder name {req.local_dir.name!r} contains '.', which breaks "
+                      "the remote code's import (`--engine remote-code`); the native engine does not mind.")
+    if req.source == "hf":
+        return from_hub(req, console)
+    if req.source == "modelscope":
+        return from_modelscope(req, console)
+    if req.source == "local":
+        src = req.from_dir or local.find_shared_copy(req.repo, modelscope.modelscope_name(req.repo))
+        if src is None:
+            raise KitError(f"no local copy of {req.repo} found (looked in "
+                           f"{', '.join(str(p) for p in local.candidate_folders(req.repo, modelscope.modelscope_name(req.repo))[:4])}).",
+                           "give the folder with --from DIR, or use --source hf.")
+        return from_local(req, Path(src), console)
+    return auto(req, console)
+
+
+# ---------------------------------------------------------------- auto
+
+
+def auto(req: DownloadRequest, console: Console) -> DownloadResult:
+    src = req.from_dir or local.find_shared_copy(req.repo, modelscope.modelscope_name(req.repo))
+    if src is not None and not req.dry_run:
+        console.print(f"[bold]1/2[/] local copy found at {src}: placing it in {req.local_dir}")
+        copied = from_local(req, Path(src), console)
+        if hub.offline_mode():
+            console.print("HF_HUB_OFFLINE is set: the copy was checked on its own (sizes, safetensors headers, index).")
+            return copied
+        console.print(f"[bold]2/2[/] checking every file against {hub.resolve_endpoint(req.endpoint)}")
+        try:
+            return from_hub(req, console)
+        except hub.HubUnreachable as exc:
+            console.print(f"the hub is not reachable ({exc.message}); keeping the local copy, checked on its own.")
+            return copied
+    if src is None:
+        console.print(f"no local copy of {req.repo} on this machine; using the hub "
+                      f"({hub.resolve_endpoint(req.endpoint)})")
+    try:
+        return from_hub(req, console)
+    except hub.HubUnreachable as exc:
+        console.print(f"[yellow]hub unreachable:[/] {exc.message}")
+        if hub.offline_mode():
+            raise
+        console.print(f"trying ModelScope ({modelscope.modelscope_name(req.repo)}) instead")
+        if not modelscope.modelscope_available():
+            raise modelscope.not_installed_error("the hub is unreachable and ") from None
+        return from_modelscope(req, console)
+
+
+# ---------------------------------------------------------------- hub
+
+
+def from_hub(req: DownloadRequest, console: Console) -> DownloadResult:
+    endpoint = hub.resolve_endpoint(req.endpoint)
+    revision = req.revision or "main"
+    if hub.offline_mode():
+        return _offline_check(req, revision, console)
+    manifest = hub.fetch_manifest(req.repo, revision, endpoint).select(req.include)
+    record = VerifiedRecord(req.local_dir)
+    plan = inspect_folder(manifest, req.local_dir, record)
+    _say_plan(plan, console)
+    if req.dry_run:
+        return _result(req, manifest, "hf", plan, verified=False, verification="dry run: nothing fetched",
+                       dry_run=True)
+    check_free_space(plan)
+    req.local_dir.mkdir(parents=True, exist_ok=True)
+    _save_manifest(req.local_dir, manifest)
+    transferred = run_plan(plan, endpoint, record, console, req.progress)
+    return _result(req, manifest, "hf", plan, verified=True, transferred=transferred,
+                   verification=f"size and {'/'.join(sorted({f.digest_kind for f in manifest.files}))} "
+                                f"of every file against {endpoint}")
+
+
+def inspect_folder(manifest: Manifest, local_dir: Path, record: VerifiedRecord) -> Plan:
+    plan = Plan(manifest, local_dir)
+    for rf in manifest.files:
+        final = local_dir / rf.path
+        part = hub.partial_path(local_dir, rf)
+        if record.is_verified(final, rf):
+            plan.states.append(FileState(rf, "verified", rf.size))
+        elif final.is_file() and final.stat().st_size == rf.size:
+            plan.states.append(FileState(rf, "check", rf.size))
+        elif part.is_file() and 0 < part.stat().st_size <= rf.size:
+            plan.states.append(FileState(rf, "resume", part.stat().st_size))
+        else:
+            plan.states.append(FileState(rf, "fetch", 0))
+    return plan
+
+
+def run_plan(plan: Plan, endpoint: str, record: VerifiedRecord, console: Console, show: bool) -> int:
+    """Check what is there, fetch what is not; returns the bytes transferred."""
+    cancel = threading.Event()
+    transferred = 0
+    lock = threading.Lock()
+    with DownloadProgress(console, plan.bytes_to_fetch, enabled=show) as progress:
+
+        def work(state: FileState) -> None:
+            nonlocal transferred
+            rf = state.file
+            if state.status == "verified":
+                return
+            if state.status == "check":
+                if hash_file(plan.local_dir / rf.path, rf).hexdigest() == rf.expected_digest or not rf.expected_digest:
+                    record.mark(plan.local_dir / rf.path, rf)
+                    return
+                console.print(f"[yellow]{rf.path}[/] does not match the hub's {rf.digest_kind}: fetching it again")
+                record.forget(rf)
+                progress.add_total(rf.size)
+            bar = progress.file(rf.path, rf.size, done=state.have if state.status == "resume" else 0)
+
+            def on_bytes(n: int) -> None:
+                if cancel.is_set():
+                    raise Cancelled()
+                bar(n)
+
+            try:
+                fetched = hub.fetch_file(plan.manifest, rf, plan.local_dir, endpoint, record, on_bytes)
+            finally:
+                bar.finish()
+            with lock:
+                transferred += fetched.transferred
+
+        pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="internlm-kit-download")
+        futures = [pool.submit(work, s) for s in plan.states]
+        try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        except KeyboardInterrupt:
+            cancel.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    for exc in errors:
+        if not isinstance(exc, Cancelled):
+            raise exc
+    return transferred
+
+
+def _offline_check(req: DownloadRequest, revision: str, console: Console) -> DownloadResult:
+    saved = _load_manifest(req.local_dir, req.repo)
+    if saved is None:
+        raise hub.HubUnreachable(f"HF_HUB_OFFLINE is set and {req.local_dir} holds no earlier download of {req.repo}.",
+                                 "unset HF_HUB_OFFLINE, or use --source local --from DIR.")
+    manifest = saved.select(req.include)
+    record = VerifiedRecord(req.local_dir)
+    plan = inspect_folder(manifest, req.local_dir, record)
+    bad = []
+    for state in plan.states:
+        rf = state.file
+        if state.status == "check" and hash_file(req.local_dir / rf.path, rf).hexdigest() == rf.expected_digest:
+            record.mark(req.local_dir / rf.path, rf)
+        elif state.status != "verified":
+            bad.append(rf.path)
+    if bad:
+        raise hub.HubUnreachable(f"HF_HUB_OFFLINE is set and {len(bad)} file(s) in {req.local_dir} are missing or "
+                                 f"damaged: {', '.join(bad[:5])}.", "unset HF_HUB_OFFLINE and run it again to fetch them.")
+    console.print("HF_HUB_OFFLINE is set: checked against the metadata saved by the earlier download.")
+    return _result(req, manifest, "hf", plan, verified=True,
+                   verification="offline, against the hub metadata saved at download time")
+
+
+def _save_manifest(local_dir: Path, manifest: Manifest) -> None:
+    path = state_dir_for(local_dir) / "manifest.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"repo": manifest.repo, "revision": manifest.revision, "commit": manifest.commit,
+            "files": [asdict(f) for f in manifest.files]}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _load_manifest(local_dir: Path, repo: str) -> Manifest | None:
+    try:
+        data = json.loads((state_dir_for(local_dir) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if data.get("repo") != repo:
+        return None
+    return Manifest(repo, data["revision"], data.get("commit"), [RemoteFile(**f) for f in data["files"]])
+
+
+# ---------------------------------------------------------------- local and ModelScope
+
+
+def from_local(req: DownloadRequest, src: Path, console: Console) -> DownloadResult:
+    files = local.list_local_files(src, req.include)
+    if not files:
+        raise KitError(f"{src} holds no files{' matching --include' if req.include else ''}.",
+                       "point --from at the model folder (the one with config.json).")
+    problems = local.structure_problems(src) if not req.include else []
+    if problems:
+        raise KitError(f"the copy at {src} is incomplete or damaged: {'; '.join(problems[:4])}.",
+                       "use another copy (--from DIR), or download it: --source hf (or modelscope).")
+    manifest = Manifest(req.repo, req.revision or "local", None, files)
+    plan = Plan(manifest, req.local_dir, [FileState(f, "fetch") for f in files])
+    if req.dry_run:
+        _say_plan(plan, console)
+        return _result(req, manifest, "local", plan, verified=False, verification="dry run", dry_run=True)
+    if src.resolve() != req.local_dir.resolve():
+        todo = [rf for rf in files if not _already_placed(src / rf.path, req.local_dir / rf.path)]
+        if todo and not _same_device(src, req.local_dir):  # hard links need no space, copies do
+            check_free_space(Plan(manifest, req.local_dir, [FileState(rf, "fetch") for rf in todo]))
+        hows = {rf.path: local.place_file(src / rf.path, req.local_dir / rf.path) for rf in todo}
+        if hows:
+            kinds = sorted(set(hows.values()))
+            console.print(f"{len(hows)} file(s) {' and '.join(kinds)} from {src}")
+    problems = local.structure_problems(req.local_dir)
+    mismatched = [f.path for f in files if (req.local_dir / f.path).stat().st_size != f.size]
+    if problems or mismatched:
+        raise KitError(f"the copy in {req.local_dir} does not check out: {'; '.join((problems + mismatched)[:4])}.",
+                       "run it again; if it persists, download from the hub with --source hf.")
+    return _result(req, manifest, "local", plan, verified=True,
+                   verification=f"copied from {src}: sizes, safetensors headers and the shard index checked "
+                                "(no hub metadata used)")
+
+
+def _already_placed(src: Path, dest: Path) -> bool:
+    try:
+        return os.path.samestat(dest.stat(), Path(os.path.realpath(src)).stat())
+    except OSError:
+        return False
+
+
+def _same_device(src: Path, local_dir: Path) -> bool:
+    probe = local_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return Path(os.path.realpath(src)).stat().st_dev == probe.stat().st_dev
+
+
+def from_modelscope(req: DownloadRequest, console: Console) -> DownloadResult:
+    if req.dry_run:
+        raise KitError("--dry-run needs the hub's file list, which ModelScope's client does not give.",
+                       "run --dry-run with --source hf (or a mirror endpoint).")
+    req.local_dir.mkdir(parents=True, exist_ok=True)
+    model_id = modelscope.fetch_from_modelscope(req.repo, req.revision, req.local_dir, req.include)
+    files = local.list_local_files(req.local_dir, None)
+    problems = local.structure_problems(req.local_dir)
+    if problems:
+        raise KitError(f"ModelScope's copy of {model_id} in {req.local_dir} does not check out: {'; '.join(problems[:4])}.",
+                       "run it again to let ModelScope repair it, or use --source hf.")
+    manifest = Manifest(req.repo, req.revision or "master", None, files)
+    plan = Plan(manifest, req.local_dir, [FileState(f, "verified") for f in files])
+    return _result(req, manifest, "modelscope", plan, verified=True,
+                   verification=f"ModelScope ({model_id}) checked its hashes; sizes, safetensors headers and index checked here")
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def _say_plan(plan: Plan, console: Console) -> None:
+    m = plan.manifest
+    states = {s.status: 0 for s in plan.states}
+    for s in plan.states:
+        states[s.status] += 1
+    resumed = sum(s.have for s in plan.states if s.status == "resume")
+    line = (f"{m.repo}@{(m.commit or m.revision)[:12]}: {len(m.files)} files, {human_bytes(m.total_bytes)}; "
+            f"{human_bytes(plan.bytes_to_fetch)} to fetch")
+    if resumed:
+        line += f" (resuming {states['resume']} file(s), {human_bytes(resumed)} already here)"
+    if states.get("check"):
+        line += f"; {states['check']} file(s) on disk to check"
+    if states.get("verified"):
+        line += f"; {states['verified']} already verified"
+    console.print(line)
+
+
+def _result(req, manifest: Manifest, source: str, plan: Plan, *, verified: bool, verification: str,
+            transferred: int = 0, dry_run: bool = False) -> DownloadResult:
+    files = [{"path": s.file.path, "size": s.file.size,
+              "sha256": s.file.sha256, "action": s.status if dry_run else "ok"} for s in plan.states]
+    return DownloadResult(repo=req.repo, revision=manifest.revision, commit=manifest.commit,
+                          path=str(req.local_dir), source=source, files=files, bytes=manifest.total_bytes,
+                          transferred=transferred, verified=verified, verification=verification, dry_run=dry_run)
