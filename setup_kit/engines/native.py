@@ -1,0 +1,402 @@
+"""The native engine: InternLM2 weights on transformers' own Llama implementation, no remote code.
+
+An InternLM2 folder is mapped in memory at load time (the same streamed mapping `convert` writes
+to disk), not through a cached conversion: that would keep a second 3.8 GB copy of the model on
+disk and need invalidating when the folder changes, and it would not load any faster, since both
+read every weight once. Only the tokenizer is cached (under `state_dir()/tokenizers/`): building it
+from sentencepiece takes seconds for the real 92544 pieces and the result is a few MB.
+
+Generation is a plain decode loop over the KV cache (no thread, no streamer queue): one forward per
+token, sampling on the device, one host sync to read the token, incremental detokenization.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from setup_kit.decoding import IncrementalDecoder
+from setup_kit.engines.base import GenerationParams, GenerationStats, Message
+from setup_kit.errors import KitError, ModelFolderError, UsageError
+
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+CHAT_END_TOKENS = ("<|im_end|>",)
+
+
+@dataclass
+class LoadInfo:
+    """What was loaded, where, and why this device and dtype."""
+
+    model_dir: Path
+    layout: str  # "internlm2" (mapped at load) or "llama"
+    device: str  # "cpu", "cuda", "cuda:1"
+    dtype: str  # "bf16" | "fp16" | "fp32"
+    reason: str  # why this device/dtype, for the banner
+    parameters: int = 0
+    load_seconds: float = 0.0
+    context_window: int = 0
+    eos_token_ids: list[int] = field(default_factory=list)
+    gpu_name: str = ""
+
+
+# --- device and dtype ------------------------------------------------------------------------
+
+def choose_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str, str, str, str]:
+    """(device, dtype, reason, gpu name) from the user's choice and what the machine has.
+
+    bf16 only on compute capability >= 8.0 (`torch.cuda.is_bf16_supported()` says True on older
+    GPUs through emulation, so the capability itself is checked); fp16 on older GPUs; fp32 on CPU
+    unless bf16 is asked for.
+    """
+    import torch
+
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError(f"--device {device!r} is not one of auto, cpu, cuda.", "Pick one, e.g. --device cpu.")
+    if dtype not in ("auto", *DTYPE_NAMES):
+        raise UsageError(f"--dtype {dtype!r} is not one of auto, bf16, fp16, fp32.", "Pick one, e.g. --dtype fp32.")
+    has_cuda = torch.cuda.is_available()
+    if device.startswith("cuda") and not has_cuda:
+        raise KitError(f"--device {device} was asked for, but torch sees no usable CUDA GPU "
+                       f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}).",
+                       "Run `internlm-kit doctor` to see why, or use --device cpu.")
+    if device == "auto":
+        device = "cuda" if has_cuda else "cpu"
+    if device == "cpu":
+        if dtype == "fp16":
+            raise UsageError("fp16 on the CPU is not supported by the native engine (many kernels "
+                             "are missing or very slow).", "Use --dtype fp32 (default) or --dtype bf16 on CPU.")
+        chosen = dtype if dtype != "auto" else "fp32"
+        reason = "CPU: fp32 by default" if dtype == "auto" else f"CPU: {chosen} as asked"
+        return device, chosen, reason, ""
+    index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    name = torch.cuda.get_device_name(index)
+    capable = (major, minor) >= (8, 0)
+    if dtype == "bf16" and not capable:
+        raise KitError(f"bf16 needs a GPU of compute capability 8.0 or newer; {name} is {major}.{minor}.",
+                       "Use --dtype fp16 (or leave --dtype auto, which picks it).")
+    if dtype == "auto":
+        dtype = "bf16" if capable else "fp16"
+        reason = f"{name} (compute {major}.{minor}): {'bf16' if capable else 'fp16, no native bf16'}"
+    else:
+        reason = f"{name} (compute {major}.{minor}): {dtype} as asked"
+    return device, dtype, reason, name
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def load_model_and_tokenizer(model_dir, device: str = "auto", dtype: str = "auto"):
+    """(LlamaForCausalLM, tokenizer, LoadInfo) for an InternLM2 folder or a Llama-layout folder."""
+    from setup_kit.modelfolder import open_model_folder
+
+    started = time.perf_counter()
+    folder = open_model_folder(model_dir)
+    device, dtype, reason, gpu = choose_device_dtype(device, dtype)
+    if folder.model_type == "internlm2":
+        model = _load_internlm2(folder.path, folder.config, device, dtype)
+        layout = "internlm2"
+    else:
+        model = _load_llama(folder.path, device, dtype)
+        layout = "llama"
+    model.eval()
+    tokenizer = _load_tokenizer(folder.path)
+    _check_vocab(tokenizer, model, folder.path)
+    eos = eos_token_ids(model, tokenizer)
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    info = LoadInfo(model_dir=folder.path, layout=layout, device=device, dtype=dtype, reason=reason,
+                    parameters=sum(p.numel() for p in model.parameters()),
+                    load_seconds=time.perf_counter() - started,
+                    context_window=int(model.config.max_position_embeddings),
+                    eos_token_ids=eos, gpu_name=gpu)
+    return model, tokenizer, info
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    return getattr(torch, DTYPE_NAMES[dtype])
+
+
+def _load_internlm2(path: Path, config: dict, device: str, dtype: str):
+    """Build an empty Llama model and fill it from the InternLM2 shards, one tensor at a time."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from setup_kit.convert import (check_internlm2_config, check_tensors, iter_llama_tensors,
+                                   list_source_tensors, llama_config)
+
+    check_internlm2_config(config, path)
+    check_tensors(path, config, list_source_tensors(path))
+    llama = LlamaConfig(**llama_config(config, DTYPE_NAMES[dtype]))
+    with init_empty_weights():  # parameters on the meta device; buffers (RoPE) real, on the CPU
+        model = LlamaForCausalLM(llama)
+    torch_dtype = _torch_dtype(dtype)
+    for name, tensor in iter_llama_tensors(path, config, torch_dtype):
+        set_module_tensor_to_device(model, name, device, value=tensor)
+    model.to(device)  # the buffers
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    return model
+
+
+def _load_llama(path: Path, device: str, dtype: str):
+    import transformers
+    from packaging.version import Version
+    from transformers import AutoModelForCausalLM
+
+    # The keyword was renamed in transformers 4.56.
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **{key: _torch_dtype(dtype)})
+    except (OSError, ValueError) as exc:
+        raise ModelFolderError(f"transformers could not load {path}: {exc}",
+                               f"internlm-kit doctor --model {path}") from exc
+    return model.to(device)
+
+
+def _load_tokenizer(path: Path):
+    from setup_kit.locations import state_dir
+    from setup_kit.tokenizer_files import load_tokenizer
+
+    tokenizer = load_tokenizer(path, cache_root=state_dir() / "tokenizers")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelFolderError(
+            f"{path} has no chat template in its tokenizer files, so it is not a chat model "
+            "(a base model cannot hold a conversation).",
+            f"Use a chat model such as internlm/internlm2-chat-1_8b; internlm-kit doctor --model {path}")
+    return tokenizer
+
+
+def _check_vocab(tokenizer, model, path: Path) -> None:
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ModelFolderError(
+            f"the tokenizer of {path} has {len(tokenizer)} tokens but the model only {rows} "
+            "embeddings: the chat tokens would get ids past the table.",
+            f"Convert the folder again with internlm-kit convert, or run internlm-kit doctor --model {path}")
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """`</s>` and `<|im_end|>`, plus whatever generation_config.json names."""
+    ids: list[int] = []
+    configured = model.generation_config.eos_token_id
+    for value in ([configured] if isinstance(configured, int) else list(configured or [])):
+        ids.append(int(value))
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    ids += [vocab[t] for t in CHAT_END_TOKENS if t in vocab]
+    return list(dict.fromkeys(ids))
+
+
+# --- generation ------------------------------------------------------------------------------
+
+class Sampler:
+    """Next-token choice from logits [1, vocab] on the device: greedy, or temperature + top-p."""
+
+    def __init__(self, params: GenerationParams, device):
+        import torch
+
+        self.greedy = params.greedy or params.temperature <= 0
+        self.temperature = max(params.temperature, 1e-5)
+        self.top_p = params.top_p
+        self.generator = None
+        if params.seed is not None and not self.greedy:
+            self.generator = torch.Generator(device=device).manual_seed(int(params.seed))
+
+    def __call__(self, logits):
+        import torch
+
+        if self.greedy:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        if 0 < self.top_p < 1:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            # Keep the smallest set of most likely tokens whose mass reaches top_p (at least one).
+            outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= self.top_p
+            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+            choice = torch.multinomial(sorted_probs, 1, generator=self.generator)
+            return order.gather(-1, choice).squeeze(-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+
+class _StopStrings:
+    """Holds back text that could be the start of a stop string; cuts at the first full one."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(s for s in stops if s)
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[:min(hits)], ""
+            return out, True
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])),
+                   default=0)
+        out = self.pending[:len(self.pending) - keep]
+        self.pending = self.pending[len(out):]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class NativeEngine:
+    """`Engine` over `load_model_and_tokenizer`. Pass `model`/`tokenizer`/`info` to share a load."""
+
+    name = "native"
+
+    def __init__(self, model_dir, device: str = "auto", dtype: str = "auto", *,
+                 compile: bool = False, model=None, tokenizer=None, info: LoadInfo | None = None):
+        if model is None:
+            model, tokenizer, info = load_model_and_tokenizer(model_dir, device, dtype)
+        self.model, self.tokenizer, self.info = model, tokenizer, info
+        self.context_window = info.context_window
+        self.eos_ids = set(info.eos_token_ids)
+        self.compiled = False
+        self._stats = GenerationStats()
+        self._lock = threading.Lock()
+        params = inspect.signature(model.forward).parameters
+        # transformers 5.x calls the KV cache argument `cache`; 4.x `past_key_values`.
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+        if compile:
+            self._enable_compile()
+
+    # -- Engine --
+
+    def describe(self) -> str:
+        info = self.info
+        where = f"{info.device} {info.dtype}" + (f" ({info.gpu_name})" if info.gpu_name else "")
+        mapped = ", mapped from InternLM2" if info.layout == "internlm2" else ""
+        compiled = ", static cache + torch.compile" if self.compiled else ""
+        return (f"native engine · {where} · {info.model_dir.name} "
+                f"({info.parameters / 1e6:,.1f}M parameters{mapped}{compiled})")
+
+    def encode_chat(self, messages: list[Message]) -> list[int]:
+        """Token ids of the chat template applied to `messages`, ending with the assistant prefix."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def count_prompt_tokens(self, messages: list[Message]) -> int:
+        return len(self.encode_chat(messages))
+
+    @property
+    def last_stats(self) -> GenerationStats:
+        return self._stats
+
+    def stream(self, messages: list[Message], params: GenerationParams,
+               cancel: threading.Event | None = None) -> Iterator[str]:
+        prompt = self.encode_chat(messages)
+        decoder = IncrementalDecoder(self.tokenizer)
+        stops = _StopStrings(tuple(params.stop))
+        for token in self.generate_tokens(prompt, params, cancel):
+            text, hit = stops.feed(decoder.push(token))
+            if text:
+                yield text
+            if hit:
+                self._stats.stop = "eos"
+                return
+        text, hit = stops.feed(decoder.flush())
+        text += "" if hit else stops.flush()
+        if text:
+            yield text
+
+    def close(self) -> None:
+        self.model = None
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
+    # -- the decode loop --
+
+    def generate_tokens(self, prompt_ids: list[int], params: GenerationParams,
+                        cancel: threading.Event | None = None) -> Iterator[int]:
+        """Yield new token ids (end-of-turn tokens not included); `last_stats` says why it stopped."""
+        import torch
+
+        if self.model is None:
+            raise KitError("The native engine was closed.", "Start a new chat.")
+        started = time.perf_counter()
+        stats = self._stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        room = self.context_window - len(prompt_ids)
+        limit = max(0, min(params.max_new_tokens, room))
+        if limit == 0:
+            stats.stop = "length"
+            return
+        device = self.model.device
+        sampler = Sampler(params, device)
+        cache = self._new_cache(len(prompt_ids) + limit)
+        inputs = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+        position = torch.arange(len(prompt_ids), device=device)
+        stats.stop = "length"
+        with self._lock, torch.inference_mode():
+            try:
+                yield from self._decode(inputs, cache, position, limit, sampler, cancel, started)
+            finally:
+                stats.seconds = time.perf_counter() - started
+
+    def _decode(self, inputs, cache, position, limit, sampler, cancel, started) -> Iterator[int]:
+        import torch
+
+        stats, device = self._stats, inputs.device
+        for step in range(limit):
+            if cancel is not None and cancel.is_set():
+                stats.stop = "interrupt"
+                return
+            logits, cache = self._forward(inputs, cache, position)
+            token = int(sampler(logits))  # the one host sync per token
+            if step == 0:
+                stats.first_token_seconds = time.perf_counter() - started
+            if token in self.eos_ids:
+                stats.stop = "eos"
+                return
+            stats.completion_tokens += 1
+            yield token
+            inputs = torch.tensor([[token]], dtype=torch.long, device=device)
+            position = position[-1:] + 1
+
+    def _forward(self, inputs, cache, position):
+        kwargs = {self._cache_kw: cache, "use_cache": True, "cache_position": position}
+        if self._keep_kw:
+            kwargs[self._keep_kw] = 1
+        out = self._step(input_ids=inputs, **kwargs)
+        new_cache = getattr(out, "cache", None) if self._cache_kw == "cache" else out.past_key_values
+        return out.logits[:, -1, :], new_cache
+
+    def _step(self, **kwargs):
+        return self.model(**kwargs)
+
+    def _new_cache(self, length: int):
+        if not self.compiled:
+            return None  # the model makes a dynamic cache on the first call
+        from transformers import StaticCache
+
+        return StaticCache(config=self.model.config, max_cache_len=length)
+
+    def _enable_compile(self) -> None:
+        """Static KV cache + torch.compile of the decode step (worth it on GPUs)."""
+        import torch
+
+        try:
+            compiled = torch.compile(self.model.forward, mode="reduce-overhead", dynamic=False)
+        except Exception as exc:  # no compiler toolchain, unsupported platform
+            raise KitError(f"torch.compile is not available here: {exc}",
+                           "Run without --compile.") from exc
+        self._step = lambda **kw: compiled(**kw)
+        self.compiled = True
