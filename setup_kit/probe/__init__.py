@@ -198,12 +198,20 @@ def probe_torch(python: str | None = None, timeout: float = TORCH_TIMEOUT) -> To
     return torch_from(start_script(resolve_python(python), "torch_script.py"), timeout)
 
 
-def probe_imports(python: str | None, statements: list[str], timeout: float = 120.0) -> list[dict]:
-    """Run each import statement in the target interpreter: [{statement, ok, error}]."""
-    process = start_script(resolve_python(python), "imports_script.py", stdin=True)
-    status, out, err = finish(process, timeout, json.dumps(statements))
+def start_imports(python: str, items: list[dict]) -> tuple[subprocess.Popen, list[dict]]:
+    return start_script(python, "imports_script.py", stdin=True), items
+
+
+def imports_from(started: tuple[subprocess.Popen, list[dict]], timeout: float = 120.0) -> list[dict]:
+    process, items = started
+    status, out, err = finish(process, timeout, json.dumps(items))
     if status != "ok":
         why = "timed out" if status == "timeout" else describe_exit(process.returncode)
-        return [{"statement": s, "ok": False, "error": f"the import check {why}: {_tail(err, 2)}"}
-                for s in statements]
+        return [dict(item, ok=False, error=f"the import check {why}: {_tail(err, 2)}") for item in items]
     return json.loads(out)
+
+
+def probe_imports(python: str | None, items: list[dict], timeout: float = 120.0) -> list[dict]:
+    """Import checks in the target interpreter: items are {"statement": ...} (executed) or
+    {"module": ...} (located only); each comes back with ok and error added."""
+    return imports_from(start_imports(resolve_python(python), items), timeout)

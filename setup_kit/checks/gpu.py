@@ -1,0 +1,227 @@
+"""Checks of torch and the GPU stack: the torch import, its CUDA build vs the GPU and the driver,
+GPU memory for the model in its dtype, and bf16 by compute capability."""
+
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+
+from packaging.version import InvalidVersion, Version
+
+from setup_kit.checks.base import Context, Result, check, fail, ok, skip, warn
+from setup_kit.checks.fixes import pip_install
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib  # type: ignore[no-redef]
+
+GPU = "PyTorch and GPU"
+TORCH_INDEX = "https://download.pytorch.org/whl/cu{}"
+DEFAULT_PARAMETERS = 1_889_110_016  # internlm2-chat-1_8b
+DEFAULT_KV_BYTES_PER_TOKEN = 24 * 2 * 8 * 128  # layers x (k, v) x KV heads x head_dim, per byte of dtype
+CONTEXT_TOKENS = 4096  # the KV cache the memory estimate leaves room for
+OVERHEAD_BYTES = 1 << 30  # CUDA context and activations
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+@lru_cache(maxsize=1)
+def cuda_tables() -> dict:
+    from setup_kit.locations import envs_dir
+
+    with open(envs_dir() / "cuda.toml", "rb") as handle:
+        return tomllib.load(handle)
+
+
+def _v(text: str) -> Version:
+    try:
+        return Version(text)
+    except InvalidVersion:
+        return Version("0")
+
+
+def min_driver(cuda: str) -> str | None:
+    """The minimum driver for a CUDA toolkit version (the nearest listed one at or below it)."""
+    table = cuda_tables()["min_driver"]
+    listed = sorted((k for k in table if _v(k) <= _v(cuda)), key=_v)
+    same_major = [k for k in listed if k.split(".")[0] == cuda.split(".")[0]]
+    return table[same_major[-1]] if same_major else None
+
+
+def torch_variant_for_driver(torch_version: str, driver: str) -> str | None:
+    """The newest CUDA build of this torch release that the driver runs natively."""
+    minor = ".".join(torch_version.split("+")[0].split(".")[:2])
+    builds = cuda_tables()["torch_builds"].get(minor, [])
+    fitting = [c for c in builds if (need := min_driver(c)) and _v(driver) >= _v(need)]
+    return max(fitting, key=_v) if fitting else None
+
+
+def torch_reinstall(ctx: Context, cuda: str) -> str:
+    version = ctx.torch.version.split("+")[0]
+    return pip_install(ctx.python, [f"torch=={version}"], "--force-reinstall", "--index-url",
+                       TORCH_INDEX.format(cuda.replace(".", "")))
+
+
+def capability(gpu) -> str:
+    if gpu.capability:
+        return gpu.capability
+    for name, value in sorted(cuda_tables()["capability_by_name"].items(), key=lambda kv: -len(kv[0])):
+        if name in gpu.name:
+            return value
+    return ""
+
+
+@check("torch.import", GPU, "torch imports (in its own process)", needs=("torch",))
+def torch_import(ctx: Context) -> Result:
+    facts = ctx.torch
+    if facts.status == "missing":
+        return skip("torch is not installed (see packages.required)")
+    if facts.status == "ok":
+        build = f"CUDA {facts.cuda}" if facts.cuda else "CPU build"
+        return ok(f"torch {facts.version} ({build}) imports in {facts.seconds:.1f}s", *facts.warnings)
+    installed = ctx.env.version("torch") if ctx.env else None
+    pin = f"torch=={installed.split('+')[0]}" if installed else "torch"
+    fix = pip_install(ctx.python, [pin], "--force-reinstall", "--no-deps") + \
+        "   (if it still fails: check LD_LIBRARY_PATH and PYTHONPATH for a second torch or CUDA library)"
+    what = {"timeout": "`import torch` hangs", "crashed": "`import torch` crashes",
+            "error": "the torch probe failed"}[facts.status]
+    return fail(what, fix, *facts.detail.splitlines())
+
+
+@check("torch.cuda-vs-gpu", GPU, "torch's CUDA build vs the GPUs present", needs=("torch", "gpu"))
+def torch_vs_gpu(ctx: Context) -> Result:
+    facts, gpus = ctx.torch, ctx.gpu.gpus
+    if facts.status != "ok":
+        return skip("torch did not import (see torch.import)")
+    names = ", ".join(g.name for g in gpus)
+    if not gpus:
+        why = ctx.gpu.error or "no NVIDIA GPU found (no NVML, nvidia-smi or libcuda)"
+        build = f"a CUDA {facts.cuda} build" if facts.cuda else "the CPU build"
+        return ok(f"no GPU: torch {facts.version} ({build}) runs on the CPU", why)
+    if not facts.cuda:
+        variant = torch_variant_for_driver(facts.version, ctx.gpu.driver_version) if ctx.gpu.driver_version else None
+        fix = (torch_reinstall(ctx, variant) if variant else
+               "Update the NVIDIA driver, then install a CUDA build of torch: "
+               + pip_install(ctx.python, ["torch"], "--index-url", TORCH_INDEX.format("121")))
+        return fail(f"torch {facts.version} is a CPU build, but this machine has {names}", fix)
+    if facts.cuda_available:
+        return ok(f"torch {facts.version} (CUDA {facts.cuda}) sees {len(facts.devices)} GPU(s): {names}")
+    details = list(facts.warnings)
+    visible = ctx.env.environment.get("CUDA_VISIBLE_DEVICES") if ctx.env else None
+    if visible is not None and visible.strip() in ("", "-1"):
+        return fail(f"torch sees no GPU because CUDA_VISIBLE_DEVICES={visible!r} hides {names}",
+                    "unset CUDA_VISIBLE_DEVICES", *details)
+    if any("too old" in w for w in facts.warnings):
+        variant = torch_variant_for_driver(facts.version, ctx.gpu.driver_version)
+        fix = torch_reinstall(ctx, variant) if variant else \
+            f"Update the NVIDIA driver to >= {min_driver(facts.cuda)} (CUDA {facts.cuda})"
+        return fail(f"torch (CUDA {facts.cuda}) says the driver {ctx.gpu.driver_version} is too old for it", fix, *details)
+    return fail(f"torch {facts.version} (CUDA {facts.cuda}) cannot use {names}: torch.cuda.is_available() is False",
+                "Run `nvidia-smi`; if it works, reinstall torch for your driver: "
+                + torch_reinstall(ctx, torch_variant_for_driver(facts.version, ctx.gpu.driver_version) or facts.cuda),
+                *details)
+
+
+@check("torch.cuda-vs-driver", GPU, "torch's CUDA version vs the driver", needs=("torch", "gpu"))
+def torch_vs_driver(ctx: Context) -> Result:
+    facts, gpu = ctx.torch, ctx.gpu
+    if facts.status != "ok" or not facts.cuda:
+        return skip("no CUDA build of torch to compare (see torch.import)")
+    if not gpu.gpus or not gpu.driver_version:
+        return skip("no NVIDIA driver found")
+    needed = min_driver(facts.cuda)
+    if needed is None:
+        return skip(f"no driver table entry for CUDA {facts.cuda}")
+    detail = f"driver {gpu.driver_version} supports CUDA up to {gpu.cuda_driver_version or '?'}; " \
+             f"CUDA {facts.cuda} needs >= {needed}"
+    if _v(gpu.driver_version) >= _v(needed):
+        return ok(f"driver {gpu.driver_version} runs torch's CUDA {facts.cuda} (needs >= {needed})", detail)
+    variant = torch_variant_for_driver(facts.version, gpu.driver_version)
+    fix = torch_reinstall(ctx, variant) + f"   (or update the driver to >= {needed})" if variant else \
+        f"Update the NVIDIA driver to >= {needed} (e.g. sudo apt install nvidia-driver-550), or install an " \
+        f"older torch built for your driver's CUDA {gpu.cuda_driver_version or ''}".rstrip()
+    floor = cuda_tables()["minor_compat_floor"].get(facts.cuda.split(".")[0])
+    if floor and _v(gpu.driver_version) >= _v(floor):
+        return warn(f"driver {gpu.driver_version} is older than CUDA {facts.cuda} wants ({needed}); "
+                    "it runs under CUDA minor-version compatibility (no PTX JIT of newer kernels)", fix, detail)
+    return fail(f"driver {gpu.driver_version} is too old for torch's CUDA {facts.cuda} (needs >= {needed})",
+                fix, detail)
+
+
+def resolved_dtype(ctx: Context, gpus) -> str:
+    if ctx.dtype != "auto":
+        return ctx.dtype
+    caps = [capability(g) for g in gpus]
+    if caps and all(c and _v(c) >= _v("8.0") for c in caps):
+        return (ctx.model.torch_dtype if ctx.model and ctx.model.torch_dtype in DTYPE_BYTES else "bfloat16")
+    return "float16"
+
+
+def model_bytes(ctx: Context, dtype: str) -> tuple[int, str]:
+    """Weights in `dtype` plus a KV cache of CONTEXT_TOKENS and overhead; and how it was estimated."""
+    size = DTYPE_BYTES.get(dtype, 2)
+    params = ctx.model.parameters if ctx.model and ctx.model.parameters else DEFAULT_PARAMETERS
+    kv = DEFAULT_KV_BYTES_PER_TOKEN
+    config = ctx.model.config if ctx.model else {}
+    if config.get("num_hidden_layers") and config.get("num_attention_heads"):
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        kv = config["num_hidden_layers"] * 2 * config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
+    total = params * size + kv * size * CONTEXT_TOKENS + OVERHEAD_BYTES
+    source = "the model folder's shards" if ctx.model and ctx.model.parameters else "internlm2-chat-1_8b"
+    return total, f"{params / 1e9:.2f}B parameters ({source}) x {size} bytes ({dtype}) + KV cache for " \
+                  f"{CONTEXT_TOKENS} tokens + 1 GiB overhead"
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+@check("gpu.memory", GPU, "GPU memory for the model in its dtype", needs=("gpu",))
+def gpu_memory(ctx: Context) -> Result:
+    gpus = ctx.gpu.gpus
+    if not gpus and ctx.device == "cuda":
+        return fail("--device cuda, but no NVIDIA GPU was found" + (f" ({ctx.gpu.error})" if ctx.gpu.error else ""),
+                    "run on the CPU: --device cpu (or check the driver with `nvidia-smi`)")
+    if not gpus or ctx.device == "cpu":
+        return skip("no GPU in use")
+    dtype = resolved_dtype(ctx, gpus)
+    need, how = model_bytes(ctx, dtype)
+    best = max(gpus, key=lambda g: g.memory_free_mib if g.memory_free_mib is not None else (g.memory_total_mib or 0))
+    free = (best.memory_free_mib if best.memory_free_mib is not None else best.memory_total_mib or 0) * 2**20
+    total = (best.memory_total_mib or 0) * 2**20
+    details = [how] + [f"GPU {g.index} {g.name}: {g.memory_free_mib} MiB free of {g.memory_total_mib} MiB" for g in gpus]
+    if free >= need:
+        return ok(f"GPU {best.index} ({best.name}) has {gib(free)} free; the model needs ~{gib(need)} in {dtype}", *details)
+    if dtype == "float32":
+        return fail(f"~{gib(need)} needed in float32, {gib(free)} free: load in half precision",
+                    "pass --dtype float16 (or bfloat16 on compute capability >= 8.0); float32 doubles the memory",
+                    *details)
+    if total >= need:
+        pick = f"CUDA_VISIBLE_DEVICES={best.index} " if len(gpus) > 1 else ""
+        return fail(f"only {gib(free)} free on GPU {best.index} ({best.name}); the model needs ~{gib(need)} in {dtype}",
+                    f"Free GPU memory (see the processes in `nvidia-smi`), then run {pick}internlm-kit chat; "
+                    "or run on the CPU: internlm-kit chat --device cpu", *details)
+    return fail(f"{best.name} has {gib(total)} in all; the model needs ~{gib(need)} in {dtype}",
+                "Run on the CPU: internlm-kit chat --device cpu (or use a GPU with more memory)", *details)
+
+
+@check("gpu.bf16", GPU, "bfloat16 by compute capability", needs=("gpu",))
+def bf16(ctx: Context) -> Result:
+    gpus = ctx.gpu.gpus
+    if not gpus or ctx.device == "cpu":
+        return skip("no GPU in use")
+    caps = {g.index: capability(g) for g in gpus}
+    if not all(caps.values()):
+        return skip("compute capability unknown for " + ", ".join(g.name for g in gpus if not caps[g.index]))
+    old = [g for g in gpus if _v(caps[g.index]) < _v("8.0")]
+    listing = ", ".join(f"{g.name} ({caps[g.index]})" for g in gpus)
+    if not old:
+        return ok(f"bfloat16 is native on {listing}")
+    summary = (f"{', '.join(g.name for g in old)} (compute capability {caps[old[0].index]}) has no native bfloat16 "
+               "(needs >= 8.0)")
+    note = ("torch.cuda.is_bf16_supported() still says True there on torch >= 2.3 (emulation), "
+            "so the kit checks the capability itself.")
+    fix = "use float16: internlm-kit chat --dtype float16 (in your own code: torch_dtype=torch.float16)"
+    if ctx.dtype == "bfloat16":
+        return fail(summary + ", but bfloat16 was asked for", fix, note)
+    return warn(summary + "; the kit's --dtype auto uses float16 there", fix, note)

@@ -1,0 +1,166 @@
+"""Checks of a model folder (`--model DIR`): the reader's problems, and whether the folder's
+remote code can import in the target environment."""
+
+from __future__ import annotations
+
+import ast
+import sys
+
+from setup_kit.checks.base import Context, Result, check, fail, ok, skip, warn
+from setup_kit.checks.fixes import pip_install, profile_install
+
+MODEL = "Model folder"
+NO_MODEL = "no model folder given (--model DIR)"
+
+
+def _from_problems(ctx: Context, codes: tuple[str, ...], good: str, *details: str) -> Result:
+    if ctx.model is None:
+        return skip(NO_MODEL)
+    found = [p for p in ctx.model.problems if p.code in codes]
+    if not found:
+        return ok(good, *details)
+    blocking = [p for p in found if p.blocking]
+    strict = ctx.engine == "remote-code"  # the preflight of the engine that needs what is missing
+    first = (blocking or found)[0]
+    lines = [p.message for p in found] + list(details)
+    fix = "\n".join(dict.fromkeys(p.fix for p in found))
+    return (fail if blocking or strict else warn)(first.message, fix, *lines)
+
+
+@check("model.config", MODEL, "config.json readable, a supported model_type", needs=("model",))
+def config(ctx: Context) -> Result:
+    good = f"model_type {ctx.model.model_type}, dtype {ctx.model.torch_dtype or '?'}" if ctx.model else ""
+    return _from_problems(ctx, ("folder-missing", "config-missing", "config-unreadable", "model-type-unsupported"), good)
+
+
+@check("model.tokenizer", MODEL, "Tokenizer files present", needs=("model",))
+def tokenizer(ctx: Context) -> Result:
+    if ctx.model is not None and ctx.model.problem("folder-missing"):
+        return skip("no folder")
+    good = ", ".join(ctx.model.tokenizer_files) if ctx.model else ""
+    return _from_problems(ctx, ("tokenizer-missing", "tokenizer-lfs-pointer", "tokenizer-config-missing"), good)
+
+
+@check("model.weights", MODEL, "Every shard present and as long as its header says", needs=("model",))
+def weights(ctx: Context) -> Result:
+    if ctx.model is not None and ctx.model.problem("folder-missing"):
+        return skip("no folder")
+    folder = ctx.model
+    good = ""
+    details: list[str] = []
+    if folder is not None:
+        good = (f"{len(folder.weight_files)} shard(s), {folder.parameters / 1e9:.2f}B parameters, "
+                f"headers match file sizes")
+        details = [f"{w.name}: {w.size:,} bytes" + (f" ({w.problem})" if w.problem else "") for w in folder.weight_files]
+    return _from_problems(ctx, ("weights-missing", "index-unreadable", "shard-missing", "shard-truncated",
+                                "shard-damaged"), good, *details)
+
+
+@check("model.remote-code", MODEL, "Remote-code files present when auto_map names them", needs=("model",))
+def remote_code(ctx: Context) -> Result:
+    if ctx.model is not None and not ctx.model.uses_remote_code:
+        return skip("config.json has no auto_map (no remote code needed)")
+    good = ", ".join(ctx.model.remote_code_needed) if ctx.model else ""
+    return _from_problems(ctx, ("remote-code-missing",), good)
+
+
+@check("model.folder-name", MODEL, "No '.' in the folder name when remote code is used", needs=("model",))
+def folder_name(ctx: Context) -> Result:
+    if ctx.model is not None and not ctx.model.uses_remote_code:
+        return skip("no remote code, any folder name works")
+    good = f"'{ctx.model.path.resolve().name}' imports as a module name" if ctx.model else ""
+    return _from_problems(ctx, ("dot-in-folder-name",), good)
+
+
+def _inside_try(node: ast.AST, parents: dict) -> bool:
+    while node in parents:
+        parent = parents[node]
+        if isinstance(parent, ast.Try) and node in parent.body:
+            return True
+        node = parent
+    return False
+
+
+def remote_code_imports(folder) -> list[dict]:
+    """The imports the remote code needs for sure (not inside try:), as probe items:
+    each `from transformers... import name` executed, every other third-party package located."""
+    if folder is None or not folder.uses_remote_code:
+        return []
+    local = {name[:-3] for name in folder.remote_code_files}
+    stdlib = set(getattr(sys, "stdlib_module_names", ()))
+    items: list[dict] = []
+    for name in folder.remote_code_files:
+        try:
+            tree = ast.parse((folder.path / name).read_text(encoding="utf-8", errors="replace"))
+        except (OSError, SyntaxError):
+            continue
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)) or _inside_try(node, parents):
+                continue
+            if isinstance(node, ast.ImportFrom) and (node.level or not node.module):
+                continue
+            modules = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            for module in modules:
+                top = module.split(".")[0]
+                if top in stdlib or top in local or top == "__future__":
+                    continue
+                if top == "transformers" and isinstance(node, ast.ImportFrom):
+                    items += [{"statement": f"from {module} import {a.name}", "file": name} for a in node.names]
+                else:
+                    items.append({"module": top, "file": name})
+    unique = {(i.get("statement"), i.get("module")): i for i in items}
+    return list(unique.values())
+
+
+def _imports_fix(ctx: Context, failed: list[dict]) -> str:
+    installed = ctx.env.version("transformers") if ctx.env else None
+    fixes = []
+    missing_modules = [i["module"] for i in failed if "module" in i]
+    for module in missing_modules:
+        package = module.replace("_", "-")
+        pin = ctx.fix_profile.pin(package) if ctx.fix_profile else None
+        if module == "flash_attn":
+            fixes.append(f"internlm-kit download --local-dir {ctx.model_path}   (the latest remote code imports "
+                         "flash_attn only when present)")
+        else:
+            fixes.append(pip_install(ctx.python, [pin.requirement if pin else package]))
+    if any("statement" in i for i in failed):
+        from packaging.version import Version
+
+        native = f"internlm-kit chat --engine native --model {ctx.model_path}   (needs no remote code)"
+        if installed and Version(installed) >= Version("4.49"):
+            fixes.append(f"{native}; or for the remote code: {profile_install(ctx.python, _profile('current'))}"
+                         "   (transformers 4.46.3)")
+        else:
+            fixes.append(pip_install(ctx.python, ["transformers==4.38.2", "tokenizers==0.15.2",
+                                                  "huggingface-hub==0.24.6"]) + f"   (the tutorial's stack); or: {native}")
+    return "\n".join(fixes)
+
+
+def _profile(name: str):
+    from setup_kit.profiles import load_profile
+
+    return load_profile(name)
+
+
+@check("model.remote-code-imports", MODEL, "The remote code's imports resolve in the target environment",
+       needs=("model", "imports"))
+def remote_code_imports_resolve(ctx: Context) -> Result:
+    if ctx.model is None:
+        return skip(NO_MODEL)
+    if not ctx.model.uses_remote_code:
+        return skip("no remote code")
+    results = ctx.imports or []
+    if not results:
+        return skip("the remote code imports nothing from third-party packages")
+    failed = [r for r in results if not r["ok"]]
+    transformers = ctx.env.version("transformers") if ctx.env else None
+    details = [f"{'ok  ' if r['ok'] else 'FAIL'} {r.get('statement') or 'import ' + r['module']} "
+               f"({r['file']})" + (f": {r['error']}" if r["error"] else "") for r in results]
+    if not failed:
+        return ok(f"all {len(results)} imports of the remote code resolve (transformers {transformers})", *details)
+    first = failed[0]
+    what = first.get("statement") or f"import {first['module']}"
+    return fail(f"{what} fails in {first['file']} on transformers {transformers}: {first['error']}",
+                _imports_fix(ctx, failed), *details)

@@ -1,0 +1,167 @@
+"""Checks of the target Python environment: its Python, its packages, their pins and dependencies."""
+
+from __future__ import annotations
+
+from packaging.markers import InvalidMarker, UndefinedComparison, UndefinedEnvironmentName
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
+
+from setup_kit.checks.base import Context, Result, check, fail, ok, skip, warn
+from setup_kit.checks.fixes import install_pins, pip_install, profile_install
+from setup_kit.checks.known_issues import load_rules, match_rules
+
+ENV = "Python environment"
+# What the model needs, whatever the engine (the remote-code path adds einops and accelerate).
+REQUIRED = ("torch", "transformers", "sentencepiece", "einops", "protobuf", "accelerate")
+
+
+def _version(text: str) -> Version | None:
+    try:
+        return Version(text)
+    except InvalidVersion:
+        return None
+
+
+@check("python.version", ENV, "Python version vs the profile", needs=("env",))
+def python_version(ctx: Context) -> Result:
+    version = ctx.env.python_version
+    where = f"Python {version} at {ctx.env.executable}"
+    if ctx.profile is None:
+        return ok(where, "No profile chosen, so no Python range to compare against.")
+    spec = SpecifierSet(ctx.profile.python)
+    if spec.contains(version, prereleases=True):
+        return ok(f"{where} (profile {ctx.profile.name} wants {spec})")
+    summary = f"{where}, but profile {ctx.profile.name} needs Python {spec}"
+    fix = (f"Create an environment with a Python the profile supports, e.g. "
+           f"`uv venv --python 3.11 ~/envs/internlm && internlm-kit install --profile {ctx.profile.name} "
+           f"--python ~/envs/internlm/bin/python` (or conda create -n internlm python=3.11)")
+    why = "torch 2.1.2 and sentencepiece 0.1.99 have no Python 3.12 wheels." if ctx.profile.name == "tutorial" else ""
+    return (fail if ctx.profile_explicit else warn)(summary, fix, *([why] if why else []))
+
+
+def _moves_to_profile(ctx: Context, names: list[str]) -> str:
+    """Install the missing ones pinned, moving the profile's other installed-but-different
+    pins along with them so the result is the profile's stack, which resolves together."""
+    profile = ctx.fix_profile
+    if profile is None:
+        return pip_install(ctx.python, names)
+    pins = []
+    for pin in profile.pins:
+        installed = ctx.env.version(pin.name)
+        missing = canonicalize_name(pin.name) in {canonicalize_name(n) for n in names}
+        differs = installed is not None and pin.group != "torch" and _version(installed) != _version(pin.version)
+        if missing or differs:
+            pins.append(pin)
+    unpinned = [n for n in names if profile.pin(n) is None]
+    command = install_pins(ctx.python, profile, pins)
+    if unpinned:
+        command = " && ".join(filter(None, [command, pip_install(ctx.python, unpinned)]))
+    return f"{command}   (the {profile.name} profile's versions; or: {profile_install(ctx.python, profile)})"
+
+
+@check("packages.required", ENV, "Required packages installed", needs=("env",))
+def required_packages(ctx: Context) -> Result:
+    required = REQUIRED
+    if ctx.engine is not None:
+        from setup_kit.doctor import ENGINE_PACKAGES
+
+        required = ENGINE_PACKAGES.get(ctx.engine, REQUIRED)
+    missing = [name for name in required if not ctx.env.has(name)]
+    present = [f"{name} {ctx.env.version(name)}" for name in required if ctx.env.has(name)]
+    if not missing:
+        return ok(f"{', '.join(required) or 'nothing'} installed" +
+                  (f" (what the {ctx.engine} engine needs)" if ctx.engine else ""), *present)
+    return fail(f"missing: {', '.join(missing)}", _moves_to_profile(ctx, missing),
+                *(present and [f"installed: {', '.join(present)}"]))
+
+
+@check("packages.pins", ENV, "Installed versions vs the profile's pins", needs=("env",))
+def pinned_versions(ctx: Context) -> Result:
+    if ctx.profile is None:
+        return skip("no profile chosen (pass --profile tutorial|current|cpu to compare pins)")
+    differ, details = [], []
+    for pin in ctx.profile.pins:
+        installed = ctx.env.version(pin.name)
+        same = installed is not None and _version(installed) is not None and \
+            Version(installed).public == Version(pin.version).public
+        details.append(f"{pin.name}: {installed or 'missing'} (pinned {pin.version}){'' if same else '  <- differs'}")
+        if not same:
+            differ.append(pin)
+    if not differ:
+        return ok(f"all {len(ctx.profile.pins)} pins of profile {ctx.profile.name} match", *details)
+    summary = (f"{len(differ)} of {len(ctx.profile.pins)} pins of profile {ctx.profile.name} differ: "
+               + ", ".join(f"{p.name} {ctx.env.version(p.name) or 'missing'} != {p.version}" for p in differ[:4])
+               + (", ..." if len(differ) > 4 else ""))
+    fix = f"{profile_install(ctx.python, ctx.profile)}   (or: {install_pins(ctx.python, ctx.profile, differ)})"
+    return (fail if ctx.profile_explicit else warn)(summary, fix, *details)
+
+
+def dependency_problems(ctx: Context) -> list[tuple[str, str, str, str | None]]:
+    """Like `pip check`: (requirer, its version, requirement, installed version or None)
+    for every Requires-Dist (no extras) of every installed distribution that is not met."""
+    markers = dict(ctx.env.markers, extra="")
+    problems = []
+    for dist in ctx.env.distributions.values():
+        for line in dist.requires:
+            try:
+                req = Requirement(line)
+                if req.marker is not None and not req.marker.evaluate(markers):
+                    continue
+            except (InvalidRequirement, InvalidMarker, UndefinedComparison, UndefinedEnvironmentName):
+                continue
+            installed = ctx.env.version(req.name)
+            if installed is None or not req.specifier.contains(installed, prereleases=True):
+                problems.append((dist.name, dist.version, str(req), installed))
+    return problems
+
+
+def _requirement_fix(ctx: Context, package: str) -> str:
+    """One requirement for `package` that every installed requirer accepts, pinned when the
+    profile's pin fits (pip would otherwise pick the newest version in the range)."""
+    markers = dict(ctx.env.markers, extra="")
+    combined = SpecifierSet()
+    for dist in ctx.env.distributions.values():
+        for line in dist.requires:
+            try:
+                req = Requirement(line)
+                if canonicalize_name(req.name) == canonicalize_name(package) and (
+                        req.marker is None or req.marker.evaluate(markers)):
+                    combined &= req.specifier
+            except (InvalidRequirement, InvalidMarker, UndefinedComparison, UndefinedEnvironmentName):
+                continue
+    pin = ctx.fix_profile.pin(package) if ctx.fix_profile else None
+    if pin is not None and combined.contains(pin.version, prereleases=True):
+        return pin.requirement
+    return f"{package}{combined}"
+
+
+@check("packages.dependencies", ENV, "Every package's requirements met (pip check)", needs=("env",))
+def dependencies(ctx: Context) -> Result:
+    problems = dependency_problems(ctx)
+    if not problems:
+        return ok(f"the requirements of all {len(ctx.env.distributions)} installed distributions are met")
+    lines = [f"{name} {version} requires {req}, but " +
+             (f"{Requirement(req).name} {have} is installed" if have else "it is not installed")
+             for name, version, req, have in problems]
+    packages = list(dict.fromkeys(Requirement(req).name for _, _, req, _ in problems))
+    fix = pip_install(ctx.python, [_requirement_fix(ctx, p) for p in packages])
+    return fail(lines[0] + (f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""), fix, *lines)
+
+
+@check("known-issues", ENV, "Known InternLM2 environment failures", needs=("env",))
+def known_issues(ctx: Context) -> Result:
+    rules = load_rules()
+    matched = match_rules(rules, ctx.env, ctx.model)
+    if not matched:
+        return ok(f"none of the {len(rules)} known failures match this environment")
+    values = {"python": ctx.python, "model": str(ctx.model_path or "MODEL_DIR")}
+    details, fixes = [], []
+    for rule in matched:
+        fix = rule.fix.format(**values)
+        fixes.append(fix)
+        details += [f"[{rule.id}] you would see: {rule.symptom}", f"    cause: {rule.cause}", f"    fix: {fix}"]
+    severity = "fail" if any(r.severity == "fail" for r in matched) else "warn"
+    summary = f"{len(matched)} known failure(s) match: {matched[0].symptom}"
+    return (fail if severity == "fail" else warn)(summary, "\n".join(dict.fromkeys(fixes)), *details)

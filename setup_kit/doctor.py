@@ -1,0 +1,147 @@
+"""`diagnose` (the doctor) and `preflight` (the fast subset chat/serve run before loading a model).
+
+Facts are gathered concurrently (the stdlib probe, the torch probe, nvidia-smi, the remote-code
+import check are separate processes), then the checks run on them, then a Report comes back.
+"""
+
+from __future__ import annotations
+
+import platform
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from setup_kit.checks import Context, all_checks, run_checks, select_checks
+from setup_kit.report import Report
+
+# What each engine needs installed (the doctor's packages.required uses the union).
+ENGINE_PACKAGES = {
+    "native": ("torch", "transformers", "safetensors", "tokenizers", "sentencepiece", "protobuf"),
+    "remote-code": ("torch", "transformers", "sentencepiece", "einops", "protobuf", "accelerate"),
+    "openai": (),
+}
+PREFLIGHT_CHECKS = {
+    "native": ("packages.required", "packages.dependencies", "gpu.memory", "gpu.bf16",
+               "model.config", "model.tokenizer", "model.weights"),
+    "remote-code": ("packages.required", "packages.dependencies", "known-issues", "gpu.memory", "gpu.bf16",
+                    "model.config", "model.tokenizer", "model.weights", "model.remote-code", "model.folder-name"),
+    "openai": (),
+}
+
+
+def choose_profile(env, name: str | None, has_gpu: bool):
+    """(profile, reason, explicit, fix_profile). Without --profile: the profile whose transformers
+    and torch pins match what is installed, else none (pins are then not checked)."""
+    from packaging.version import Version
+
+    from setup_kit.profiles import available_profiles, load_profile
+
+    if name:
+        profile = load_profile(name)
+        return profile, "--profile", True, profile
+    profiles = list(available_profiles().values())
+    installed = {n: env.version(n) for n in ("transformers", "torch")}
+
+    def minor(version: str) -> tuple[int, ...]:
+        return Version(version).release[:2]
+
+    def matches(profile) -> bool:
+        for package, version in installed.items():
+            pin = profile.pin(package)
+            if version is None or pin is None or minor(pin.version) != minor(version):
+                return False
+        return True
+
+    chosen = next((p for p in profiles if matches(p)), None)
+    if chosen:
+        return chosen, f"matches the installed transformers {installed['transformers']} and torch {installed['torch']}", \
+            False, chosen
+    have = ", ".join(f"{n} {v}" for n, v in installed.items() if v) or "neither transformers nor torch"
+    reason = f"no profile matches {have}; pins not checked (pass --profile)"
+    if installed["transformers"]:
+        target = Version(installed["transformers"]).release[:2]
+        nearest = min((p for p in profiles if p.pin("transformers")),
+                      key=lambda p: abs(minor(p.pin("transformers").version)[1] - target[1]) +
+                      100 * abs(minor(p.pin("transformers").version)[0] - target[0]), default=None)
+    else:
+        by_name = {p.name: p for p in profiles}
+        nearest = by_name.get("current" if has_gpu else "cpu")
+    return None, reason, False, nearest
+
+
+def describe_target(ctx: Context, profile_reason: str) -> dict:
+    env = ctx.env
+    gpus = ctx.gpu.gpus if ctx.gpu else []
+    gpu = ", ".join(g.name for g in gpus) if gpus else ("none" if ctx.gpu else "not checked")
+    if gpus and ctx.gpu.driver_version:
+        gpu += f" (driver {ctx.gpu.driver_version}, CUDA {ctx.gpu.cuda_driver_version or '?'})"
+    return {
+        "python": ctx.python,
+        "python_version": env.python_version if env else "",
+        "platform": f"{env.platform['system']} {env.platform['machine']}" if env else platform.platform(),
+        "in_virtualenv": env.python.get("in_virtualenv") if env else None,
+        "profile": ctx.profile.name if ctx.profile else None,
+        "profile_reason": profile_reason,
+        "model": str(ctx.model_path) if ctx.model_path else None,
+        "torch": (ctx.torch.version or ctx.torch.status) if ctx.torch else "not checked",
+        "gpu": gpu,
+    }
+
+
+def diagnose(python: str | None = None, model: str | Path | None = None, profile: str | None = None,
+             only: list[str] | None = None, dtype: str = "auto") -> Report:
+    """Run the doctor's checks (all, or those named by `only`) against a target interpreter."""
+    from setup_kit import probe
+    from setup_kit.checks.model import remote_code_imports
+    from setup_kit.modelfolder import inspect_model_folder
+
+    checks = select_checks(only)
+    needs = set().union(*(c.needs for c in checks)) if checks else set()
+    target = probe.resolve_python(python)
+    env_process = probe.start_script(target, "env_script.py")
+    torch_process = probe.start_script(target, "torch_script.py") if "torch" in needs else None
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        gpu_future = pool.submit(probe.probe_gpu) if needs & {"gpu", "torch"} else None
+        ctx = Context(python=target, dtype=dtype)
+        if model is not None:
+            ctx.model_path = Path(model).expanduser()
+            ctx.model = inspect_model_folder(ctx.model_path)
+        imports_process = None
+        if "imports" in needs and (items := remote_code_imports(ctx.model)):
+            imports_process = probe.start_imports(target, items)
+        try:
+            ctx.env = probe.environment_from(env_process, target)
+        finally:
+            if ctx.env is None:
+                for process in (torch_process, imports_process and imports_process[0]):
+                    if process is not None:
+                        process.kill()
+        ctx.gpu = gpu_future.result() if gpu_future else None
+        ctx.torch = probe.torch_from(torch_process) if torch_process else None
+        ctx.imports = probe.imports_from(imports_process) if imports_process else None
+    has_gpu = bool(ctx.gpu and ctx.gpu.gpus)
+    ctx.profile, reason, ctx.profile_explicit, ctx.fix_profile = choose_profile(ctx.env, profile, has_gpu)
+    ctx.profile_reason = reason
+    return Report(describe_target(ctx, reason), run_checks(checks, ctx))
+
+
+def preflight(engine: str, model: str | Path | None, device: str = "auto", dtype: str = "auto") -> Report:
+    """The checks that matter before `engine` loads `model` here, from in-process facts only
+    (importlib.metadata, nvidia-smi if present; never torch): well under a second."""
+    from setup_kit import probe
+    from setup_kit.modelfolder import inspect_model_folder
+    from setup_kit.probe import gpu as gpu_probe
+
+    wanted = PREFLIGHT_CHECKS.get(engine, PREFLIGHT_CHECKS["native"])
+    checks = [c for c in all_checks() if c.id in wanted]
+    ctx = Context(python=probe.resolve_python(None), dtype=dtype, device=device, engine=engine)
+    ctx.env = probe.in_process_environment()
+    if device != "cpu" and any("gpu" in c.needs for c in checks):
+        ctx.gpu = gpu_probe.from_nvml() or gpu_probe.from_nvidia_smi() or gpu_probe.GpuFacts()
+    if model is not None:
+        ctx.model_path = Path(model).expanduser()
+        ctx.model = inspect_model_folder(ctx.model_path)
+    else:
+        checks = [c for c in checks if "model" not in c.needs]
+    ctx.profile, reason, ctx.profile_explicit, ctx.fix_profile = choose_profile(
+        ctx.env, None, bool(ctx.gpu and ctx.gpu.gpus))
+    return Report(describe_target(ctx, reason), run_checks(checks, ctx))
