@@ -9,6 +9,7 @@ UTF-8 is let out as U+FFFD after a few tokens, and at `flush()`, so a stream nev
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Iterable
 
 REPLACEMENT = "\ufffd"
@@ -23,14 +24,58 @@ class IncrementalDecoder:
         self._ids: list[int] = []
         self._prefix = 0  # start of the window decoded for context (keeps leading spaces right)
         self._read = 0  # everything before this has been emitted
+        self._context: list[int] = []  # a shown token decoded before the window, for spacing
+        self._bytes: dict[int, int | None] = {}  # token id -> the byte it stands for, if any
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text that is now safe to show (maybe empty)."""
-        self._ids.append(int(token_id))
-        return self._emit(force=len(self._ids) - self._read > MAX_HELD_TOKENS)
+        token_id = int(token_id)
+        out = ""
+        byte = self._byte(token_id)
+        if byte is not None:
+            # The tokenizer's byte fallback turns a whole run of byte tokens into U+FFFD when any
+            # of it is invalid, which would swallow a valid byte (a newline) after a broken one.
+            # So a new byte never shares a decode window with bytes already shown, nor with held
+            # bytes it cannot complete: those are let out first, as U+FFFD.
+            held = self._ids[self._read:]
+            if not held:
+                if self._ids and self._byte(self._ids[-1]) is not None:
+                    self._fresh_window()
+            elif not self._completes(held, byte):
+                out = self._emit(force=True)
+                self._fresh_window()
+        self._ids.append(token_id)
+        return out + self._emit(force=len(self._ids) - self._read > MAX_HELD_TOKENS)
+
+    def _fresh_window(self) -> None:
+        """Decode from the next token on, after the last shown non-byte token for context (so a
+        leading space is decoded as it is mid-sentence, not stripped as at the start of text)."""
+        self._prefix = self._read
+        self._context = next(([t] for t in reversed(self._ids[:self._read])
+                              if self._byte(t) is None), [])
+
+    def _byte(self, token_id: int) -> int | None:
+        """The byte a byte-fallback piece (`<0xE4>`) stands for; None for any other token."""
+        if token_id not in self._bytes:
+            piece = self._tokenizer.convert_ids_to_tokens(token_id)
+            is_byte = (isinstance(piece, str) and len(piece) == 6 and piece.startswith("<0x")
+                       and piece.endswith(">"))
+            self._bytes[token_id] = int(piece[3:5], 16) if is_byte else None
+        return self._bytes[token_id]
+
+    def _completes(self, held: list[int], byte: int) -> bool:
+        """Whether the held tokens are bytes that `byte` continues towards a valid character."""
+        held_bytes = [self._byte(t) for t in held]
+        if any(b is None for b in held_bytes):
+            return True  # not a pure byte run: the normal hold-back rules apply
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(bytes(held_bytes + [byte]), final=False)
+        except UnicodeDecodeError:
+            return False
+        return True
 
     def extend(self, token_ids: Iterable[int]) -> str:
         return "".join(self.push(t) for t in token_ids)
@@ -46,8 +91,8 @@ class IncrementalDecoder:
     def _emit(self, *, force: bool) -> str:
         if self._read == len(self._ids):
             return ""
-        before = self._decode(self._ids[self._prefix:self._read])
-        after = self._decode(self._ids[self._prefix:])
+        before = self._decode(self._context + self._ids[self._prefix:self._read])
+        after = self._decode(self._context + self._ids[self._prefix:])
         if not force and (len(after) <= len(before) or after.endswith(REPLACEMENT)):
             return ""
         if not after.startswith(before):
@@ -57,4 +102,5 @@ class IncrementalDecoder:
                 common += 1
             before = before[:common]
         self._prefix, self._read = self._read, len(self._ids)
+        self._context = []
         return after[len(before):]
