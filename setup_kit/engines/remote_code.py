@@ -1,0 +1,93 @@
+"""The `remote-code` engine: the tutorial's path, `trust_remote_code=True`, the model's own
+modeling_internlm2.py run by the installed transformers.
+
+It is offered only where that code can import: the doctor's remote-code import check (which
+tries each import the remote code makes, in a subprocess) must pass first, because the current
+remote code stops importing on newer transformers (`transformers.modeling_attn_mask_utils` is gone
+in 5.24, `DynamicCache.get_max_length` in 4.49). Where it cannot, the user is told so and pointed
+at the native engine, which runs the same weights with no remote code.
+
+Generation is the native engine's decode loop (incremental detokenization, Ctrl-C, statistics), not
+the remote code's `stream_chat`, which decodes one token at a time and breaks split characters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from setup_kit.engines.native import LoadInfo, NativeEngine, choose_device_dtype, eos_token_ids
+from setup_kit.errors import KitError, ModelFolderError
+
+IMPORT_CHECK = "model.remote-code-imports"
+
+
+def check_remote_code_imports(model_dir: Path) -> None:
+    """Raise a clear KitError unless the doctor's remote-code import check passes here."""
+    from setup_kit import doctor
+
+    report = doctor.diagnose(model=str(model_dir), only=[IMPORT_CHECK])
+    result = next((c for c in report.checks if c.id == IMPORT_CHECK), None)
+    if result is None or result.status in ("ok", "skip", "warn"):
+        return
+    details = f": {result.summary}" if result.summary else ""
+    raise KitError(
+        f"The model's remote code cannot run with the transformers installed here{details}. "
+        "The remote-code engine is only offered where the doctor's import check passes.",
+        fix=result.fix or f"Chat without remote code: internlm-kit chat --engine native "
+                          f"--model {model_dir}")
+
+
+def load_remote_code_model(model_dir: Path, device: str = "auto", dtype: str = "auto"):
+    """(model, tokenizer, LoadInfo) through `trust_remote_code=True`."""
+    import time
+
+    from setup_kit.modelfolder import open_model_folder
+
+    started = time.perf_counter()
+    folder = open_model_folder(model_dir)
+    if not folder.uses_remote_code:
+        raise ModelFolderError(f"{folder.path} has no remote code (config.json has no auto_map).",
+                               fix=f"Use the native engine: internlm-kit chat --model {folder.path}")
+    device, dtype, reason, gpu = choose_device_dtype(device, dtype)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder.path), trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained(str(folder.path), trust_remote_code=True,
+                                                     torch_dtype=torch_dtype)
+    except (ImportError, AttributeError, TypeError, ValueError, OSError) as exc:
+        raise KitError(f"The model's remote code failed to load: {type(exc).__name__}: {exc}",
+                       fix=f"`internlm-kit doctor --model {folder.path}` names the cause; or chat "
+                           f"without remote code: internlm-kit chat --engine native --model "
+                           f"{folder.path}") from None
+    model = model.to(device).eval()
+    info = LoadInfo(model_dir=folder.path, layout="remote-code", device=device, dtype=dtype,
+                    reason=reason, parameters=sum(p.numel() for p in model.parameters()),
+                    load_seconds=time.perf_counter() - started,
+                    context_window=int(getattr(model.config, "max_position_embeddings", 2048)),
+                    eos_token_ids=eos_token_ids(model, tokenizer), gpu_name=gpu)
+    return model, tokenizer, info
+
+
+class RemoteCodeEngine(NativeEngine):
+    """The remote code's model class, driven by the native engine's decode loop."""
+
+    name = "remote-code"
+
+    def __init__(self, model_dir, device: str = "auto", dtype: str = "auto", *,
+                 check_imports: bool = True):
+        model_dir = Path(model_dir)
+        if check_imports:
+            check_remote_code_imports(model_dir)
+        model, tokenizer, info = load_remote_code_model(model_dir, device, dtype)
+        super().__init__(model_dir, model=model, tokenizer=tokenizer, info=info)
+
+    def describe(self) -> str:
+        return super().describe().replace("native engine", "remote-code engine (trust_remote_code)")
+
+    def _forward(self, inputs, cache, position):
+        # The remote code's forward takes the legacy arguments only (no cache_position).
+        out = self.model(input_ids=inputs, past_key_values=cache, use_cache=True)
+        return out.logits[:, -1, :], out.past_key_values
