@@ -269,9 +269,6 @@ def _resolve_dtype(choice: str, tensors: list[SourceTensor], config: dict) -> st
         if len(stored) == 1:
             return stored.pop()
         return str(config.get("torch_dtype") or "float32")
-    if choice not in DTYPES:
-        raise UsageError(f"--dtype {choice!r} is not one of auto, bf16, fp16, fp32.",
-                         "Pick one, e.g. --dtype bf16.")
     return DTYPES[choice]
 
 
@@ -362,6 +359,9 @@ def convert_checkpoint(src, dst, *, dtype: str = "auto", force: bool = False,
     from setup_kit.tokenizer_files import read_tokenizer_config, renamed_pieces, write_tokenizer
 
     started = time.perf_counter()
+    if dtype not in ("auto", None, *DTYPES):
+        raise UsageError(f"--dtype {dtype!r} is not one of auto, bf16, fp16, fp32.",
+                         "Pick one, e.g. --dtype bf16.")
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     folder = open_model_folder(src)
     config = folder.config
