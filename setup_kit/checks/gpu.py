@@ -48,12 +48,46 @@ def min_driver(cuda: str) -> str | None:
     return table[same_major[-1]] if same_major else None
 
 
-def torch_variant_for_driver(torch_version: str, driver: str) -> str | None:
-    """The newest CUDA build of this torch release that the driver runs natively."""
+def _builds(torch_version: str) -> list[str]:
+    """CUDA variants of this torch release; a release newer than the table is assumed to keep
+    the newest listed release's variants."""
+    table = cuda_tables()["torch_builds"]
     minor = ".".join(torch_version.split("+")[0].split(".")[:2])
-    builds = cuda_tables()["torch_builds"].get(minor, [])
-    fitting = [c for c in builds if (need := min_driver(c)) and _v(driver) >= _v(need)]
-    return max(fitting, key=_v) if fitting else None
+    if minor in table:
+        return table[minor]
+    newest = max(table, key=_v)
+    return table[newest] if _v(minor) > _v(newest) else []
+
+
+def torch_variant_for_driver(torch_version: str, driver: str) -> tuple[str, bool] | None:
+    """(CUDA variant, runs natively) of this torch release for the driver: the newest variant the
+    driver runs natively, else the newest it runs under minor-version compatibility, else None."""
+    builds = sorted(_builds(torch_version), key=_v, reverse=True)
+    native = [c for c in builds if (need := min_driver(c)) and _v(driver) >= _v(need)]
+    if native:
+        return native[0], True
+    floors = cuda_tables()["minor_compat_floor"]
+    compat = [c for c in builds if (floor := floors.get(c.split(".")[0])) and _v(driver) >= _v(floor)]
+    return (compat[0], False) if compat else None
+
+
+def torch_fix_for_driver(ctx: Context, driver: str) -> str:
+    """The command that gives this machine a torch whose CUDA its driver runs."""
+    found = torch_variant_for_driver(ctx.torch.version, driver) if driver else None
+    if found and found[1]:
+        return torch_reinstall(ctx, found[0])
+    from setup_kit.profiles import available_profiles
+
+    for profile in available_profiles().values():
+        need = min_driver(profile.cuda) if profile.cuda else None
+        if need and driver and _v(driver) >= _v(need):
+            command = f"internlm-kit install --profile {profile.name} --python {ctx.python}"
+            if found:
+                command = f"{torch_reinstall(ctx, found[0])}   (runs under CUDA minor-version compatibility), or: {command}"
+            return command + f"   (torch {profile.pin('torch').version} for CUDA {profile.cuda}, needs driver >= {need})"
+    if found:
+        return f"{torch_reinstall(ctx, found[0])}   (runs under CUDA minor-version compatibility)"
+    return "Update the NVIDIA driver (e.g. sudo apt install nvidia-driver-550), then install a CUDA build of torch"
 
 
 def torch_reinstall(ctx: Context, cuda: str) -> str:
@@ -99,11 +133,8 @@ def torch_vs_gpu(ctx: Context) -> Result:
         build = f"a CUDA {facts.cuda} build" if facts.cuda else "the CPU build"
         return ok(f"no GPU: torch {facts.version} ({build}) runs on the CPU", why)
     if not facts.cuda:
-        variant = torch_variant_for_driver(facts.version, ctx.gpu.driver_version) if ctx.gpu.driver_version else None
-        fix = (torch_reinstall(ctx, variant) if variant else
-               "Update the NVIDIA driver, then install a CUDA build of torch: "
-               + pip_install(ctx.python, ["torch"], "--index-url", TORCH_INDEX.format("121")))
-        return fail(f"torch {facts.version} is a CPU build, but this machine has {names}", fix)
+        return fail(f"torch {facts.version} is a CPU build, but this machine has {names}",
+                    torch_fix_for_driver(ctx, ctx.gpu.driver_version))
     if facts.cuda_available:
         return ok(f"torch {facts.version} (CUDA {facts.cuda}) sees {len(facts.devices)} GPU(s): {names}")
     details = list(facts.warnings)
@@ -112,14 +143,11 @@ def torch_vs_gpu(ctx: Context) -> Result:
         return fail(f"torch sees no GPU because CUDA_VISIBLE_DEVICES={visible!r} hides {names}",
                     "unset CUDA_VISIBLE_DEVICES", *details)
     if any("too old" in w for w in facts.warnings):
-        variant = torch_variant_for_driver(facts.version, ctx.gpu.driver_version)
-        fix = torch_reinstall(ctx, variant) if variant else \
-            f"Update the NVIDIA driver to >= {min_driver(facts.cuda)} (CUDA {facts.cuda})"
-        return fail(f"torch (CUDA {facts.cuda}) says the driver {ctx.gpu.driver_version} is too old for it", fix, *details)
+        return fail(f"torch (CUDA {facts.cuda}) says the driver {ctx.gpu.driver_version} is too old for it",
+                    torch_fix_for_driver(ctx, ctx.gpu.driver_version), *details)
     return fail(f"torch {facts.version} (CUDA {facts.cuda}) cannot use {names}: torch.cuda.is_available() is False",
                 "Run `nvidia-smi`; if it works, reinstall torch for your driver: "
-                + torch_reinstall(ctx, torch_variant_for_driver(facts.version, ctx.gpu.driver_version) or facts.cuda),
-                *details)
+                + torch_fix_for_driver(ctx, ctx.gpu.driver_version), *details)
 
 
 @check("torch.cuda-vs-driver", GPU, "torch's CUDA version vs the driver", needs=("torch", "gpu"))
@@ -136,10 +164,7 @@ def torch_vs_driver(ctx: Context) -> Result:
              f"CUDA {facts.cuda} needs >= {needed}"
     if _v(gpu.driver_version) >= _v(needed):
         return ok(f"driver {gpu.driver_version} runs torch's CUDA {facts.cuda} (needs >= {needed})", detail)
-    variant = torch_variant_for_driver(facts.version, gpu.driver_version)
-    fix = torch_reinstall(ctx, variant) + f"   (or update the driver to >= {needed})" if variant else \
-        f"Update the NVIDIA driver to >= {needed} (e.g. sudo apt install nvidia-driver-550), or install an " \
-        f"older torch built for your driver's CUDA {gpu.cuda_driver_version or ''}".rstrip()
+    fix = torch_fix_for_driver(ctx, gpu.driver_version) + f"\nor update the NVIDIA driver to >= {needed}"
     floor = cuda_tables()["minor_compat_floor"].get(facts.cuda.split(".")[0])
     if floor and _v(gpu.driver_version) >= _v(floor):
         return warn(f"driver {gpu.driver_version} is older than CUDA {facts.cuda} wants ({needed}); "

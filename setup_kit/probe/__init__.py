@@ -170,9 +170,18 @@ def in_process_environment() -> EnvironmentFacts:
     return EnvironmentFacts.from_json(env_script.collect())
 
 
-def torch_from(process: subprocess.Popen, timeout: float = TORCH_TIMEOUT) -> TorchFacts:
+def torch_timeout() -> float:
+    """`INTERNLM_KIT_TORCH_TIMEOUT` seconds (default 60): how long `import torch` may take."""
+    try:
+        return float(os.environ.get("INTERNLM_KIT_TORCH_TIMEOUT", TORCH_TIMEOUT))
+    except ValueError:
+        return TORCH_TIMEOUT
+
+
+def torch_from(process: subprocess.Popen, timeout: float | None = None) -> TorchFacts:
     import time
 
+    timeout = torch_timeout() if timeout is None else timeout
     started = time.perf_counter()
     status, out, err = finish(process, timeout)
     seconds = time.perf_counter() - started
@@ -193,7 +202,7 @@ def torch_from(process: subprocess.Popen, timeout: float = TORCH_TIMEOUT) -> Tor
                           seconds=seconds)
 
 
-def probe_torch(python: str | None = None, timeout: float = TORCH_TIMEOUT) -> TorchFacts:
+def probe_torch(python: str | None = None, timeout: float | None = None) -> TorchFacts:
     """torch's version, CUDA build and devices, from a subprocess that may hang or die."""
     return torch_from(start_script(resolve_python(python), "torch_script.py"), timeout)
 
