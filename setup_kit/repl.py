@@ -57,7 +57,7 @@ class Terminal:
         self.out.flush()
 
     def note(self, message: str, style: str = "dim") -> None:
-        self.err.print(f"[{style}]{escape(message)}[/{style}]", highlight=False)
+        self.err.print(escape(message), style=style or None, highlight=False)
 
     def error(self, exc: KitError) -> None:
         text = exc.message + (f"\n  fix: {exc.fix}" if exc.fix else "")

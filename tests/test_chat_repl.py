@@ -1,0 +1,152 @@
+"""`internlm-kit chat` in a terminal: a real subprocess on a pseudo-terminal, driven like a user.
+
+The engine's view of the conversation is read from `INTERNLM_KIT_CHAT_LOG` (the session appends
+every message list it sends to the engine), and `/stats` shows the prompt the engine tokenized.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import pexpect
+import pytest
+
+PROMPT = ">>> "
+SYSTEM = "Be brief."
+
+
+@pytest.fixture(scope="module")
+def long_context_model(tiny_internlm2_dir, tmp_path_factory) -> Path:
+    """The tiny model with room for long replies (4096 positions), for Ctrl-C mid-reply."""
+    from fixtures.models import build_tiny_internlm2
+
+    return build_tiny_internlm2(tmp_path_factory.mktemp("models") / "tiny-long",
+                                max_position_embeddings=4096,
+                                tokenizer_model=tiny_internlm2_dir / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("state")  # shared: the converted tokenizer is cached once
+
+
+class Chat:
+    def __init__(self, model: Path, state: Path, log: Path, *args: str):
+        exe = Path(sys.executable).with_name("internlm-kit")
+        env = {**os.environ, "INTERNLM_KIT_STATE_DIR": str(state), "INTERNLM_KIT_CHAT_LOG": str(log),
+               "NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "200"}
+        self.log = log
+        self.child = pexpect.spawn(str(exe), ["chat", "--model", str(model), "--system", SYSTEM,
+                                              "--skip-checks", *args],
+                                   env=env, encoding="utf-8", timeout=60, dimensions=(40, 200))
+
+    def prompt(self) -> str:
+        """Wait for the next prompt; return what the terminal showed since the last one."""
+        self.child.expect_exact(PROMPT)
+        return self.child.before.replace("\r\n", "\n")
+
+    def say(self, line: str) -> str:
+        self.child.sendline(line)
+        return self.prompt()
+
+    def requests(self) -> list[list[dict]]:
+        return [json.loads(line) for line in self.log.read_text(encoding="utf-8").splitlines()]
+
+    def stats(self) -> dict:
+        shown = self.say("/stats")
+        found = re.search(r"prompt (\d+) tokens, reply (\d+) tokens.*stop: (\w+)", shown)
+        assert found, shown
+        return {"prompt": int(found[1]), "reply": int(found[2]), "stop": found[3]}
+
+    def close(self) -> int:
+        self.child.expect(pexpect.EOF, timeout=30)
+        self.child.close()
+        return self.child.exitstatus
+
+
+def test_replies_stream_keep_typed_spaces_and_remember_the_conversation(
+        tiny_internlm2_dir, state_dir, tmp_path):
+    chat = Chat(tiny_internlm2_dir, state_dir, tmp_path / "requests.jsonl", "--greedy",
+                "--max-new-tokens", "12")
+    banner = chat.prompt()
+    assert "native engine" in banner and "/help" in banner
+
+    first = chat.say("hello   there,  friend ")
+    first_stats = chat.stats()
+    chat.say("and  now?")
+    second_stats = chat.stats()
+
+    requests = chat.requests()
+    assert requests[0] == [{"role": "system", "content": SYSTEM},
+                           {"role": "user", "content": "hello   there,  friend "}]
+    # the second prompt holds the first exchange, the reply exactly as it was shown
+    system, user1, assistant1, user2 = requests[1]
+    assert (user1["content"], user2["content"]) == ("hello   there,  friend ", "and  now?")
+    assert assistant1["role"] == "assistant" and assistant1["content"]
+    assert assistant1["content"].replace("\r", "") in first
+    assert second_stats["prompt"] > first_stats["prompt"] + first_stats["reply"]
+
+    chat.child.sendline('"""')
+    chat.child.sendline("line one")
+    chat.child.sendline("  line two")
+    chat.child.sendline('"""')
+    chat.prompt()
+    assert requests[0][0] == chat.requests()[2][0]
+    assert chat.requests()[2][-1] == {"role": "user", "content": "line one\n  line two"}
+
+    chat.child.sendline("/exit")
+    assert chat.close() == 0
+
+
+def test_ctrl_c_stops_the_reply_keeps_it_and_returns_to_the_prompt(
+        long_context_model, state_dir, tmp_path):
+    chat = Chat(long_context_model, state_dir, tmp_path / "requests.jsonl", "--max-new-tokens",
+                "3000", "--seed", "1")
+    chat.prompt()
+    chat.child.sendline("tell me a very long story")
+    chat.child.expect(r"\S")  # the reply has started to stream
+    time.sleep(0.5)
+    chat.child.sendintr()
+    chat.child.expect_exact("reply stopped", timeout=10)
+    chat.prompt()
+    stats = chat.stats()
+    assert stats["stop"] == "interrupt" and 0 < stats["reply"] < 3000
+
+    chat.say("go on")
+    kept = chat.requests()[-1][-2]
+    assert kept["role"] == "assistant" and kept["content"]  # the partial reply is in the history
+
+    chat.child.sendintr()  # Ctrl-C at an empty prompt ends the session cleanly
+    assert chat.close() == 0
+
+
+def test_reset_save_and_load_round_trip(tiny_internlm2_dir, state_dir, tmp_path):
+    saved = tmp_path / "conversation.json"
+    chat = Chat(tiny_internlm2_dir, state_dir, tmp_path / "requests.jsonl", "--greedy",
+                "--max-new-tokens", "8")
+    chat.prompt()
+    chat.say("first question")
+    chat.say("/set temperature 0.5")
+    assert "saved 2 messages" in chat.say(f"/save {saved}")
+    data = json.loads(saved.read_text(encoding="utf-8"))
+    assert data["system"] == SYSTEM and data["params"]["temperature"] == 0.5
+    assert [m["role"] for m in data["messages"]] == ["user", "assistant"]
+
+    assert "conversation cleared" in chat.say("/reset")
+    chat.say("fresh start")
+    assert [m["role"] for m in chat.requests()[-1]] == ["system", "user"]  # nothing remembered
+
+    assert "loaded 2 messages" in chat.say(f"/load {saved}")
+    chat.say("and then?")
+    assert chat.requests()[-1] == [{"role": "system", "content": SYSTEM}, *data["messages"],
+                                   {"role": "user", "content": "and then?"}]
+
+    assert "There is no file" in chat.say(f"/load {tmp_path / 'missing.json'}")
+    assert "Unknown command" in chat.say("/nonsense")
+    chat.child.sendeof()  # Ctrl-D
+    assert chat.close() == 0
