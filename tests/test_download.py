@@ -370,3 +370,28 @@ def test_offline_mode_checks_an_earlier_download_without_the_network(hub, tmp_pa
     assert ok.returncode == 0, ok.stderr
     assert hub.requests == []
     assert_clear_failure(missing, "HF_HUB_OFFLINE")
+
+
+def test_ctrl_c_keeps_the_partial_file_and_exits_130(hub, hub_repo, tmp_path):
+    dest = tmp_path / "m"
+    env = kit_env(hub.url, tmp_path)
+    fault = hub.pause(SHARD1, after=11 * MiB)
+    proc = popen_kit(["--source", "hf", "--local-dir", str(dest)], env)
+    try:
+        assert fault.reached.wait(30)
+        deadline = time.monotonic() + 20
+        while partial_size(dest) < 10 * MiB and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        hub.release()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    assert proc.returncode == 130, err
+    assert "run the same command again to resume" in err and "Traceback" not in err
+    assert partial_size(dest) >= 10 * MiB
+    assert not (dest / SHARD1).exists()

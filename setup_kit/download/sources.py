@@ -112,6 +112,9 @@ def download(req: DownloadRequest, console: Console | None = None) -> DownloadRe
 
 def auto(req: DownloadRequest, console: Console) -> DownloadResult:
     src = req.from_dir or local.find_shared_copy(req.repo, modelscope.modelscope_name(req.repo))
+    if src is not None and _verified_here(req):
+        console.print(f"{req.local_dir} already holds a verified download; not copying from {src}")
+        src = None
     if src is not None and not req.dry_run:
         console.print(f"[bold]1/2[/] local copy found at {src}: placing it in {req.local_dir}")
         copied = from_local(req, Path(src), console)
@@ -137,6 +140,14 @@ def auto(req: DownloadRequest, console: Console) -> DownloadResult:
         if not modelscope.modelscope_available():
             raise modelscope.not_installed_error("the hub is unreachable and ") from None
         return from_modelscope(req, console)
+
+
+def _verified_here(req: DownloadRequest) -> bool:
+    saved = _load_manifest(req.local_dir, req.repo)
+    if saved is None:
+        return False
+    record = VerifiedRecord(req.local_dir)
+    return all(record.is_verified(req.local_dir / f.path, f) for f in saved.select(req.include).files)
 
 
 # ---------------------------------------------------------------- hub
@@ -219,6 +230,8 @@ def run_plan(plan: Plan, endpoint: str, record: VerifiedRecord, console: Console
         except KeyboardInterrupt:
             cancel.set()
             pool.shutdown(wait=True, cancel_futures=True)
+            console.print("interrupted: what arrived is kept in partial files; "
+                          "run the same command again to resume.")
             raise
         pool.shutdown(wait=True)
     errors = [f.exception() for f in futures if f.exception() is not None]
@@ -307,10 +320,13 @@ def from_local(req: DownloadRequest, src: Path, console: Console) -> DownloadRes
 
 
 def _already_placed(src: Path, dest: Path) -> bool:
+    """The same file, or one of the same size the user already has (never overwritten: the hub check
+    that follows in `auto`, or the structure check, judges it)."""
     try:
-        return os.path.samestat(dest.stat(), Path(os.path.realpath(src)).stat())
+        a, b = dest.stat(), Path(os.path.realpath(src)).stat()
     except OSError:
         return False
+    return os.path.samestat(a, b) or a.st_size == b.st_size
 
 
 def _same_device(src: Path, local_dir: Path) -> bool:

@@ -1,0 +1,134 @@
+"""`internlm-kit download` from a copy already on the machine, and `auto` choosing between sources.
+
+The shared folder is laid out as on InternStudio: `<root>/new_models/Shanghai_AI_Laboratory/<name>`,
+reached through a link (`/root/share` -> `/share` there), its files symlinks into a blob store as in
+a huggingface cache. INTERNLM_KIT_SHARE_ROOTS points the kit at it instead of /root/share.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fixtures.hub import HubRepo
+from test_download import assert_clear_failure, assert_same_files, kit_env, run_kit
+
+SHARD1 = "model-00001-of-00002.safetensors"
+NO_HUB = "http://127.0.0.1:9"  # nothing listens there: the hub is down
+
+
+@pytest.fixture
+def share_root(hub_model_folder, tmp_path) -> Path:
+    """A shared model store whose files are symlinks into blobs, reached through a linked root."""
+    real_root = tmp_path / "share"
+    model = real_root / "new_models" / "Shanghai_AI_Laboratory" / "internlm2-chat-1_8b"
+    blobs = real_root / "blobs"
+    model.mkdir(parents=True)
+    blobs.mkdir()
+    for src in hub_model_folder.iterdir():
+        if src.is_file():
+            blob = blobs / f"blob-{src.name}"
+            shutil.copyfile(src, blob)
+            (model / src.name).symlink_to(os.path.relpath(blob, model))
+    linked = tmp_path / "root-share"
+    linked.symlink_to(real_root)
+    return linked
+
+
+def test_local_source_finds_the_shared_folder_and_leaves_real_files(share_root, hub_repo, tmp_path):
+    dest = tmp_path / "m"
+    env = kit_env(NO_HUB, tmp_path, INTERNLM_KIT_SHARE_ROOTS=str(share_root))
+
+    proc = run_kit(["--source", "local", "--local-dir", str(dest), "--json"], env)
+
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["source"] == "local" and result["verified"] is True
+    assert_same_files(dest, hub_repo)  # regular files, same bytes
+    shutil.rmtree(tmp_path / "share")  # the share goes away: nothing in the model folder dangles
+    assert all((dest / f).is_file() for f in hub_repo.files)
+
+
+def test_local_source_hard_links_on_the_same_filesystem(share_root, hub_model_folder, tmp_path):
+    dest = tmp_path / "m"
+    env = kit_env(NO_HUB, tmp_path)
+
+    proc = run_kit(["--source", "local", "--from", str(share_root / "new_models/Shanghai_AI_Laboratory/internlm2-chat-1_8b"),
+                    "--local-dir", str(dest)], env)
+
+    assert proc.returncode == 0, proc.stderr
+    blob = share_root / "blobs" / f"blob-{SHARD1}"
+    assert (dest / SHARD1).stat().st_ino == blob.stat().st_ino
+    assert "linked" in proc.stderr
+    assert proc.stdout.strip() == str(dest)
+
+
+def test_local_source_refuses_a_truncated_shared_copy(hub_model_folder, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(hub_model_folder, broken)
+    with open(broken / SHARD1, "r+b") as f:
+        f.truncate(1_000_000)
+
+    proc = run_kit(["--source", "local", "--from", str(broken), "--local-dir", str(tmp_path / "m")],
+                   kit_env(NO_HUB, tmp_path))
+
+    assert_clear_failure(proc, SHARD1, "truncated")
+    assert not (tmp_path / "m" / SHARD1).exists()
+
+
+def test_local_source_without_a_copy_says_where_it_looked(tmp_path):
+    proc = run_kit(["--source", "local", "--local-dir", str(tmp_path / "m")],
+                   kit_env(NO_HUB, tmp_path, INTERNLM_KIT_SHARE_ROOTS=str(tmp_path / "nothing")))
+    assert_clear_failure(proc, "no local copy", "--from")
+
+
+def test_auto_prefers_the_local_copy_then_checks_it_against_the_hub(hub, share_root, hub_repo, tmp_path):
+    dest = tmp_path / "m"
+    env = kit_env(hub.url, tmp_path, INTERNLM_KIT_SHARE_ROOTS=str(share_root))
+
+    proc = run_kit(["--local-dir", str(dest), "--json"], env)
+
+    assert proc.returncode == 0, proc.stderr
+    assert "local copy found" in proc.stderr and "checking every file against" in proc.stderr
+    assert sum(hub.served.values()) == 0  # every byte came from the share, every hash from the hub
+    assert json.loads(proc.stdout)["verification"].startswith("size and")
+    assert_same_files(dest, hub_repo)
+
+
+def test_auto_keeps_a_local_copy_when_the_hub_is_down(share_root, hub_repo, tmp_path):
+    dest = tmp_path / "m"
+    proc = run_kit(["--local-dir", str(dest)], kit_env(NO_HUB, tmp_path, INTERNLM_KIT_SHARE_ROOTS=str(share_root)))
+
+    assert proc.returncode == 0, proc.stderr
+    assert "hub is not reachable" in proc.stderr
+    assert_same_files(dest, hub_repo)
+
+
+def test_auto_without_local_copy_uses_the_hub(hub, hub_repo, tmp_path):
+    dest = tmp_path / "m"
+    proc = run_kit(["--local-dir", str(dest)], kit_env(hub.url, tmp_path))
+
+    assert proc.returncode == 0, proc.stderr
+    assert "no local copy" in proc.stderr
+    assert_same_files(dest, hub_repo)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("modelscope") is not None,
+                    reason="modelscope is installed: this checks the message shown without it")
+def test_auto_falls_back_to_modelscope_when_the_hub_is_down_and_says_how_to_get_it(tmp_path):
+    proc = run_kit(["--local-dir", str(tmp_path / "m")], kit_env(NO_HUB, tmp_path))
+
+    assert_clear_failure(proc, "no local copy", "hub unreachable", "trying ModelScope",
+                         "Shanghai_AI_Laboratory/internlm2-chat-1_8b", "pip install modelscope")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("modelscope") is not None,
+                    reason="modelscope is installed: this checks the message shown without it")
+def test_modelscope_source_without_the_package_says_how_to_install_it(tmp_path):
+    proc = run_kit(["--source", "modelscope", "--local-dir", str(tmp_path / "m")], kit_env(NO_HUB, tmp_path))
+    assert_clear_failure(proc, "pip install modelscope")
