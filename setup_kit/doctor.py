@@ -135,7 +135,9 @@ def preflight(engine: str, model: str | Path | None, device: str = "auto", dtype
     checks = [c for c in all_checks() if c.id in wanted]
     ctx = Context(python=probe.resolve_python(None), dtype=dtype, device=device, engine=engine)
     ctx.env = probe.in_process_environment()
-    if device != "cpu" and any("gpu" in c.needs for c in checks):
+    if device == "cpu":
+        checks = [c for c in checks if "gpu" not in c.needs]
+    elif any("gpu" in c.needs for c in checks):
         ctx.gpu = gpu_probe.from_nvml() or gpu_probe.from_nvidia_smi() or gpu_probe.GpuFacts()
     if model is not None:
         ctx.model_path = Path(model).expanduser()

@@ -91,7 +91,7 @@ def ram(ctx: Context) -> Result:
     return fail(summary, "Use a machine with more RAM, or a GPU: internlm-kit chat --device cuda")
 
 
-@check("hf.env", HF, "Hugging Face and CUDA environment variables", needs=("env",))
+@check("hf.env", HF, "Hugging Face and CUDA environment variables", needs=("env", "gpu"))
 def hf_env(ctx: Context) -> Result:
     env = ctx.env.environment
     details = [f"{name}={value}" for name, value in env.items()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import os
 import re
 from dataclasses import dataclass
@@ -127,6 +128,15 @@ def adopt_hf_orphan(local_dir: Path, rf: RemoteFile) -> None:
             p.unlink()
 
 
+def drop_stale_partials(local_dir: Path, manifest: Manifest) -> None:
+    """Partials of files this revision no longer has (an earlier revision's shards) are dead weight."""
+    wanted = {partial_path(local_dir, rf).name for rf in manifest.files}
+    folder = state_dir_for(local_dir) / "partial"
+    for part in folder.glob("*.part") if folder.is_dir() else []:
+        if part.name not in wanted:
+            part.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------- fetching one file
 
 
@@ -216,9 +226,11 @@ def _http_get(url, writer, have, headers, rf, manifest, endpoint):
     from huggingface_hub import file_download
     from huggingface_hub.utils import silent_tqdm
 
+    kwargs = {"resume_size": have, "headers": headers, "expected_size": rf.size, "displayed_filename": rf.path}
+    if "tqdm_class" in inspect.signature(file_download.http_get).parameters:  # huggingface_hub >= 1.x
+        kwargs["tqdm_class"] = silent_tqdm  # the kit draws its own progress
     with hub_errors(manifest.repo, manifest.revision, endpoint, file=rf.path):
-        file_download.http_get(url, writer, resume_size=have, headers=headers, expected_size=rf.size,
-                               displayed_filename=rf.path, tqdm_class=silent_tqdm)
+        file_download.http_get(url, writer, **kwargs)
 
 
 def _tell_huggingface_hub(local_dir: Path, rf: RemoteFile, manifest: Manifest) -> None:
@@ -250,25 +262,29 @@ def hub_errors(repo: str, revision: str, endpoint: str, file: str | None = None)
     """Turn huggingface_hub's and the network's exceptions into one paragraph with what to try next."""
     from huggingface_hub import errors as hf
 
+    never = type("_Never", (Exception,), {})  # stands in for classes an older huggingface_hub lacks
+    gated, revision_missing, repo_missing, entry_missing, offline = (
+        getattr(hf, name, never) for name in ("GatedRepoError", "RevisionNotFoundError", "RepositoryNotFoundError",
+                                               "RemoteEntryNotFoundError", "OfflineModeIsEnabled"))
     what = f"{repo}/{file}" if file else repo
     alternatives = (f"try a mirror (--endpoint {MIRROR_HINT}, or HF_ENDPOINT), --source modelscope, "
                     "or --from DIR if the files are already on this machine")
     try:
         yield
-    except hf.GatedRepoError as exc:
+    except gated as exc:
         raise KitError(f"{repo} on {endpoint} needs you to accept its licence first ({_first_line(exc)}).",
                        "accept it on the model page, then `hf auth login`, and run this again.") from None
-    except hf.RevisionNotFoundError:
+    except revision_missing:
         raise KitError(f"{endpoint} has no revision {revision!r} of {repo}.",
                        "check --revision (a branch, tag or commit id), or leave it out for 'main'.",
                        exit_code=1) from None
-    except hf.RepositoryNotFoundError:
+    except repo_missing:
         raise KitError(f"{endpoint} says there is no repository {repo} (404).",
                        f"check the name (the default is internlm/internlm2-chat-1_8b); {alternatives}.") from None
-    except hf.RemoteEntryNotFoundError:
+    except entry_missing:
         raise KitError(f"{endpoint} lists {what} but answers 404 when asked for it.",
                        alternatives + ".") from None
-    except hf.OfflineModeIsEnabled:
+    except offline:
         raise HubUnreachable("HF_HUB_OFFLINE is set, so the hub cannot be asked for the files.",
                              "unset HF_HUB_OFFLINE, or use --source local --from DIR.") from None
     except hf.HfHubHTTPError as exc:

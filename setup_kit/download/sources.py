@@ -169,6 +169,8 @@ def from_hub(req: DownloadRequest, console: Console) -> DownloadResult:
     req.local_dir.mkdir(parents=True, exist_ok=True)
     _save_manifest(req.local_dir, manifest)
     transferred = run_plan(plan, endpoint, record, console, req.progress)
+    if not req.include:
+        hub.drop_stale_partials(req.local_dir, manifest)
     return _result(req, manifest, "hf", plan, verified=True, transferred=transferred,
                    verification=f"size and {'/'.join(sorted({f.digest_kind for f in manifest.files}))} "
                                 f"of every file against {endpoint}")
