@@ -132,3 +132,35 @@ def test_auto_falls_back_to_modelscope_when_the_hub_is_down_and_says_how_to_get_
 def test_modelscope_source_without_the_package_says_how_to_install_it(tmp_path):
     proc = run_kit(["--source", "modelscope", "--local-dir", str(tmp_path / "m")], kit_env(NO_HUB, tmp_path))
     assert_clear_failure(proc, "pip install modelscope")
+
+
+FAKE_MODELSCOPE = '''
+"""Stand-in for the modelscope package: copies a folder, records how it was called."""
+import json, os, shutil
+
+
+def snapshot_download(model_id, revision=None, local_dir=None, allow_patterns=None, **kwargs):
+    with open(os.environ["FAKE_MODELSCOPE_CALLS"], "a") as log:
+        log.write(json.dumps({"model_id": model_id, "revision": revision, "local_dir": local_dir}) + "\\n")
+    shutil.copytree(os.environ["FAKE_MODELSCOPE_SOURCE"], local_dir, dirs_exist_ok=True)
+    return local_dir
+'''
+
+
+def test_auto_uses_modelscope_when_the_hub_is_down_and_checks_what_it_got(hub_model_folder, hub_repo, tmp_path):
+    package = tmp_path / "site" / "modelscope"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(FAKE_MODELSCOPE)
+    calls = tmp_path / "calls.jsonl"
+    dest = tmp_path / "m"
+    env = kit_env(NO_HUB, tmp_path, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]),
+                  FAKE_MODELSCOPE_CALLS=str(calls), FAKE_MODELSCOPE_SOURCE=str(hub_model_folder))
+
+    proc = run_kit(["--local-dir", str(dest), "--json"], env)
+
+    assert proc.returncode == 0, proc.stderr
+    assert "trying ModelScope" in proc.stderr
+    assert json.loads(proc.stdout)["source"] == "modelscope"
+    assert json.loads(calls.read_text()) == {"model_id": "Shanghai_AI_Laboratory/internlm2-chat-1_8b",
+                                             "revision": None, "local_dir": str(dest)}
+    assert_same_files(dest, hub_repo)
