@@ -71,8 +71,7 @@ class Plan:
         """The whole profile resolved at once, installing nothing."""
         if self.installer == "uv":
             return self._install("--dry-run", *self._index_args(), *self.requirements)
-        return self._install("--dry-run", "--ignore-installed" if False else "--quiet", "--report", report_path,
-                             *self._index_args(), *self.requirements)
+        return self._install("--dry-run", "--report", report_path, *self._index_args(), *self.requirements)
 
 
 def make_plan(profile: Profile, target: Target, installer: str, torch_index_url: str | None,

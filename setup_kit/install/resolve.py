@@ -1,0 +1,184 @@
+"""Resolve a plan without installing anything (`pip install --dry-run --report`, or uv's
+`--dry-run`), and say what would change and what already-installed package it would break."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+from setup_kit.errors import KitError
+from setup_kit.install.plan import Plan, show_command
+from setup_kit.install.snapshot import Environment
+
+RESOLVE_TIMEOUT = 900
+UV_LINE = re.compile(r"^\s*([+-])\s+([A-Za-z0-9_.\-\[\],]+)==(\S+)")
+
+
+@dataclass
+class Change:
+    name: str
+    kind: str  # install | upgrade | downgrade | reinstall | remove
+    old: str | None
+    new: str | None
+    requires: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        if self.kind == "install":
+            return f"+ {self.name} {self.new}"
+        if self.kind == "remove":
+            return f"- {self.name} {self.old}"
+        arrow = {"upgrade": "↑", "downgrade": "↓"}.get(self.kind, "=")
+        return f"{arrow} {self.name} {self.old} -> {self.new}"
+
+
+@dataclass
+class Resolution:
+    changes: list[Change]
+    conflicts: list[str]  # requirements of installed packages the result would break
+    seconds: float
+    output: str = ""  # pip's own output, shown under -v
+
+    def to_dict(self) -> dict:
+        return {"changes": [asdict(c) for c in self.changes], "conflicts": self.conflicts,
+                "seconds": round(self.seconds, 2)}
+
+
+def classify(name: str, old: str | None, new: str) -> str:
+    from packaging.version import Version
+
+    if old is None:
+        return "install"
+    if Version(new) > Version(old):
+        return "upgrade"
+    if Version(new) < Version(old):
+        return "downgrade"
+    return "reinstall"
+
+
+def _canonical(name: str) -> str:
+    from packaging.utils import canonicalize_name
+
+    return str(canonicalize_name(name))
+
+
+def changes_from_report(report: dict, before: Environment) -> list[Change]:
+    changes = []
+    for item in report.get("install", []):
+        meta = item["metadata"]
+        current = before.distributions.get(_canonical(meta["name"]))
+        old = current.version if current else None
+        changes.append(Change(meta["name"], classify(meta["name"], old, meta["version"]), old, meta["version"],
+                              list(meta.get("requires_dist") or [])))
+    return changes
+
+
+def changes_from_uv(output: str, before: Environment) -> list[Change]:
+    """uv's dry run prints ` + name==version` / ` - name==version` lines."""
+    added, removed = {}, {}
+    for line in output.splitlines():
+        if match := UV_LINE.match(line):
+            sign, name, version = match.groups()
+            (added if sign == "+" else removed)[_canonical(name)] = (name, version)
+    changes = []
+    for key, (name, version) in added.items():
+        current = before.distributions.get(key)
+        old = current.version if current else None
+        changes.append(Change(name, classify(name, old, version), old, version,
+                              list(current.requires) if current and old == version else []))
+    for key, (name, version) in removed.items():
+        if key not in added:
+            changes.append(Change(name, "remove", version, None))
+    return changes
+
+
+def predicted_conflicts(before: Environment, changes: list[Change], python: str) -> list[str]:
+    """The doctor's own dependency check, run on the set the install would leave behind;
+    only problems the install would introduce are returned."""
+    from setup_kit.checks.base import Context
+    from setup_kit.checks.packages import dependency_problems
+    from setup_kit.probe import Distribution, EnvironmentFacts
+
+    def facts(dists: dict[str, Distribution]) -> Context:
+        env = EnvironmentFacts({"executable": python, "version": ""}, {}, dict(before.markers), dists, {})
+        return Context(python=python, env=env)
+
+    old = {k: Distribution(d.name, d.version, d.requires) for k, d in before.distributions.items()}
+    new = dict(old)
+    for change in changes:
+        if change.kind == "remove":
+            new.pop(_canonical(change.name), None)
+        elif change.new is not None:
+            known = change.requires or (list(old[_canonical(change.name)].requires)
+                                        if _canonical(change.name) in old and change.kind == "reinstall" else [])
+            new[_canonical(change.name)] = Distribution(change.name, change.new, tuple(known))
+    existing = set(dependency_problems(facts(old)))
+    lines = []
+    for name, version, requirement, have in dependency_problems(facts(new)):
+        if (name, version, requirement, have) in existing:
+            continue
+        lines.append(f"{name} {version} requires {requirement}, but the install would leave "
+                     + (f"{have}" if have else "it missing"))
+    return lines
+
+
+def resolve(plan: Plan, before: Environment, on_line=None) -> Resolution:
+    """Resolve the whole profile for the target; raises KitError (nothing changed) when it cannot."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="internlm-kit-resolve-") as tmp:
+        report_path = os.path.join(tmp, "report.json")
+        argv = plan.resolve_command(report_path)
+        output, code = run_captured(argv, on_line)
+        if code != 0:
+            raise unresolvable(plan, argv, output)
+        if plan.installer == "uv":
+            changes = changes_from_uv(output, before)
+        else:
+            with open(report_path, encoding="utf-8") as handle:
+                changes = changes_from_report(json.load(handle), before)
+    conflicts = predicted_conflicts(before, changes, plan.target.python)
+    return Resolution(changes, conflicts, time.perf_counter() - started, output)
+
+
+def run_captured(argv: list[str], on_line=None, timeout: float = RESOLVE_TIMEOUT) -> tuple[str, int]:
+    """Run a command, handing each output line to `on_line` as it comes; (all output, exit code)."""
+    lines = []
+    env = dict(os.environ, PYTHONIOENCODING="utf-8", PYTHONUNBUFFERED="1")
+    try:
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   errors="replace", env=env, stdin=subprocess.DEVNULL)
+    except OSError as exc:
+        raise KitError(f"Could not run `{show_command(argv)}`: {exc}.",
+                       "Check the interpreter and installer exist and are executable.") from None
+    deadline = time.monotonic() + timeout
+    for line in process.stdout:
+        lines.append(line.rstrip("\n"))
+        if on_line is not None:
+            on_line(lines[-1])
+        if time.monotonic() > deadline:
+            process.kill()
+            break
+    return "\n".join(lines), process.wait()
+
+
+def unresolvable(plan: Plan, argv: list[str], output: str) -> KitError:
+    """pip's own explanation (its ERROR lines and the conflict it names), as a kit error."""
+    lines = output.splitlines()
+    keep = [line for line in lines if line.startswith(("ERROR", "error:"))]
+    if "The conflict is caused by:" in output:
+        start = lines.index(next(l for l in lines if "The conflict is caused by:" in l))
+        keep = lines[start:start + 8] + [k for k in keep if k not in lines[start:start + 8]]
+    if not keep:
+        keep = lines[-6:]
+    detail = "\n    ".join(line.strip() for line in keep if line.strip())
+    return KitError(
+        f"The profile {plan.profile.name} cannot be installed into {plan.target.python} (Python "
+        f"{plan.target.version}): the resolver found no set of versions that satisfies it. Nothing was "
+        f"changed.\n    {detail}",
+        f"Fix or remove the conflicting pin in {plan.profile.path or plan.profile.name} (each pin's 'why' says "
+        f"what it is for), or try another profile (`internlm-kit install --list-profiles`). "
+        f"To see the resolver's full output: `{show_command(argv)}`.")
