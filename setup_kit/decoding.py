@@ -69,8 +69,12 @@ class IncrementalDecoder:
     def _completes(self, held: list[int], byte: int) -> bool:
         """Whether the held tokens are bytes that `byte` continues towards a valid character."""
         held_bytes = [self._byte(t) for t in held]
-        if any(b is None for b in held_bytes):
-            return True  # not a pure byte run: the normal hold-back rules apply
+        # Only the byte run at the end of what is held can be continued (a held "▁" before it,
+        # not yet shown, must not hide a broken run from this check).
+        while held_bytes and held_bytes[0] is None:
+            held_bytes.pop(0)
+        if not held_bytes or any(b is None for b in held_bytes):
+            return True  # no byte run at the end: the normal hold-back rules apply
         try:
             codecs.getincrementaldecoder("utf-8")().decode(bytes(held_bytes + [byte]), final=False)
         except UnicodeDecodeError:
