@@ -138,7 +138,7 @@ def _load_internlm2(path: Path, config: dict, device: str, dtype: str):
         model = LlamaForCausalLM(llama)
     torch_dtype = _torch_dtype(dtype)
     for name, tensor in iter_llama_tensors(path, config, torch_dtype):
-        set_module_tensor_to_device(model, name, device, value=tensor)
+        set_module_tensor_to_device(model, name, device, value=tensor, dtype=torch_dtype)
     model.to(device)  # the buffers
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(path))

@@ -1,0 +1,258 @@
+"""The native engine: an InternLM2 folder on transformers' Llama code, no remote code executed."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+from fixtures.models import build_tiny_internlm2
+from reference_internlm2 import reference_logits, relative_error
+
+from setup_kit.engines.base import Engine, GenerationParams
+from setup_kit.engines.native import NativeEngine, _StopStrings, choose_device_dtype
+from setup_kit.errors import KitError, ModelFolderError, UsageError
+
+CHAT = [{"role": "system", "content": "You are InternLM."},
+        {"role": "user", "content": "你好，请介绍一下上海。Tell me about Shanghai."}]
+GREEDY = GenerationParams(max_new_tokens=48, greedy=True)
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("state")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("INTERNLM_KIT_STATE_DIR", str(path))
+    yield path
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_internlm2_dir, state_dir) -> NativeEngine:
+    return NativeEngine(tiny_internlm2_dir, device="cpu", dtype="auto")
+
+
+def generate_ids(engine: NativeEngine, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """What bare `model.generate` gives, greedy, with the engine's end-of-turn ids."""
+    out = engine.model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens,
+                                do_sample=False, eos_token_id=sorted(engine.eos_ids))
+    new = out[0, len(prompt):].tolist()
+    return [t for t in new if t not in engine.eos_ids]
+
+
+def test_loads_an_internlm2_folder_without_remote_code(engine, tiny_internlm2_dir):
+    assert isinstance(engine, Engine)
+    assert type(engine.model).__name__ == "LlamaForCausalLM"
+    assert engine.info.layout == "internlm2" and engine.info.device == "cpu"
+    assert engine.info.dtype == "fp32" and engine.model.dtype == torch.float32
+    assert engine.context_window == 256  # max_position_embeddings
+    vocab = engine.tokenizer.get_vocab()
+    assert engine.eos_ids == {2, vocab["<|im_end|>"]}
+    text = engine.describe()
+    assert "native" in text and "cpu fp32" in text and tiny_internlm2_dir.name in text
+
+
+def test_logits_match_the_reference_forward_pass(engine, tiny_internlm2_dir):
+    ids = engine.encode_chat(CHAT)
+    with torch.no_grad():
+        logits = engine.model(torch.tensor([ids])).logits
+    assert relative_error(logits, reference_logits(tiny_internlm2_dir, [ids])) < 1e-5
+
+
+def test_a_converted_llama_folder_gives_the_same_logits(tiny_llama_dir, tiny_internlm2_dir, state_dir):
+    llama = NativeEngine(tiny_llama_dir, device="cpu")
+    assert llama.info.layout == "llama"
+    ids = llama.encode_chat(CHAT)
+    with torch.no_grad():
+        logits = llama.model(torch.tensor([ids])).logits
+    assert relative_error(logits, reference_logits(tiny_internlm2_dir, [ids])) < 1e-5
+
+
+def test_prompt_is_the_chat_template_with_chat_tokens_at_their_ids(engine, tiny_sentencepiece):
+    ids = engine.encode_chat(CHAT)
+    im_start = tiny_sentencepiece.piece_to_id("[UNUSED_TOKEN_146]")
+    im_end = tiny_sentencepiece.piece_to_id("[UNUSED_TOKEN_145]")
+    assert ids[:2] == [1, im_start]
+    assert ids.count(im_start) == 3 and ids.count(im_end) == 2
+    assert engine.count_prompt_tokens(CHAT) == len(ids)
+
+
+def test_greedy_stream_equals_bare_generate(engine):
+    prompt = engine.encode_chat(CHAT)
+    tokens = list(engine.generate_tokens(prompt, GREEDY))
+    assert len(tokens) > 0
+    assert tokens == generate_ids(engine, prompt, GREEDY.max_new_tokens)
+    stats = engine.last_stats
+    assert stats.prompt_tokens == len(prompt) and stats.completion_tokens == len(tokens)
+    assert 0 < stats.first_token_seconds <= stats.seconds
+
+
+@pytest.mark.parametrize("params", [GREEDY] + [
+    GenerationParams(max_new_tokens=40, seed=seed, temperature=1.0, top_p=1.0) for seed in range(3)])
+def test_streamed_text_is_what_sentencepiece_decodes(engine, tiny_sentencepiece, params):
+    """Random weights emit stray byte tokens all the time: the streamed pieces, joined, are exactly
+    sentencepiece's own decoding of the reply (broken bytes as U+FFFD, nothing else lost)."""
+    tokens = list(engine.generate_tokens(engine.encode_chat(CHAT), params))
+    pieces = list(engine.stream(CHAT, params))
+    assert all(pieces)
+    special = set(engine.tokenizer.all_special_ids)  # chat tokens are not shown
+    expected = tiny_sentencepiece.decode([t for t in tokens if t not in special])
+    text = "".join(pieces)
+    # A broken byte run may show as one or several U+FFFD; no real character may be lost.
+    assert text.replace("\ufffd", "") == expected.replace("\ufffd", "")
+    assert ("\ufffd" in text) == ("\ufffd" in expected)
+
+
+def test_max_new_tokens_stops_with_length(engine):
+    pieces = list(engine.stream(CHAT, GenerationParams(max_new_tokens=5, greedy=True)))
+    assert engine.last_stats.completion_tokens <= 5
+    if engine.last_stats.completion_tokens == 5:
+        assert engine.last_stats.stop == "length"
+    assert pieces is not None
+
+
+def test_end_of_turn_stops_the_reply(engine):
+    """A model whose head always prefers <|im_end|> (or </s>) ends its turn at once."""
+    head = engine.model.lm_head.weight
+    norm = engine.model.model.norm.weight
+    saved = head.detach().clone(), norm.detach().clone()
+    try:
+        with torch.no_grad():
+            # The final hidden state becomes (r, 0, 0, ...); any sign of r picks an end token.
+            norm.zero_()
+            norm[0] = 1.0
+            head.zero_()
+            head[engine.tokenizer.convert_tokens_to_ids("<|im_end|>"), 0] = 10.0
+            head[2, 0] = -10.0
+        assert "".join(engine.stream(CHAT, GREEDY)) == ""
+        assert engine.last_stats.stop == "eos" and engine.last_stats.completion_tokens == 0
+    finally:
+        with torch.no_grad():
+            head.copy_(saved[0])
+            norm.copy_(saved[1])
+
+
+def test_cancel_stops_within_a_token(engine):
+    cancel = threading.Event()
+    prompt = engine.encode_chat(CHAT)
+    seen = []
+    for token in engine.generate_tokens(prompt, GenerationParams(max_new_tokens=200, greedy=True),
+                                        cancel):
+        seen.append(token)
+        if len(seen) == 3:
+            cancel.set()
+    expected = generate_ids(engine, prompt, 3)
+    if len(expected) == 3:  # the model did not end its turn before three tokens
+        assert len(seen) == 3
+        assert engine.last_stats.stop == "interrupt"
+        assert engine.last_stats.completion_tokens == 3
+
+
+def test_sampling_is_reproducible_with_a_seed(engine):
+    params = GenerationParams(max_new_tokens=30, temperature=1.0, top_p=0.9, seed=1234)
+    first = "".join(engine.stream(CHAT, params))
+    assert "".join(engine.stream(CHAT, params)) == first
+    others = {"".join(engine.stream(CHAT, GenerationParams(max_new_tokens=30, temperature=1.0,
+                                                           top_p=0.9, seed=s))) for s in range(4)}
+    assert len(others) > 1, "different seeds should give different replies on a random model"
+
+
+def test_context_window_limits_the_reply(engine):
+    prompt = list(range(3, 3 + engine.context_window - 2))
+    tokens = list(engine.generate_tokens(prompt, GenerationParams(max_new_tokens=100, greedy=True)))
+    assert len(tokens) <= 2 and engine.last_stats.prompt_tokens == len(prompt)
+
+
+def test_stop_strings_hold_back_a_possible_start():
+    stops = _StopStrings(("<END>",))
+    assert stops.feed("hello <") == ("hello ", False)
+    assert stops.feed("EN") == ("", False)
+    assert stops.feed("D> more") == ("", True)
+    stops = _StopStrings(("<END>",))
+    assert stops.feed("a <E") == ("a ", False)
+    assert stops.feed("x") == ("<Ex", False)
+
+
+def test_bf16_on_cpu_when_asked(tiny_internlm2_dir, state_dir):
+    bf16 = NativeEngine(tiny_internlm2_dir, device="cpu", dtype="bf16")
+    assert bf16.model.dtype == torch.bfloat16 and bf16.info.dtype == "bf16"
+    ids = bf16.encode_chat(CHAT)
+    with torch.no_grad():
+        logits = bf16.model(torch.tensor([ids])).logits.float()
+    assert relative_error(logits, reference_logits(tiny_internlm2_dir, [ids])) < 5e-2
+
+
+# --- device and dtype rules -------------------------------------------------------------------
+
+def test_cpu_defaults_to_fp32_and_refuses_fp16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_device_dtype("auto", "auto")[:2] == ("cpu", "fp32")
+    assert choose_device_dtype("cpu", "bf16")[:2] == ("cpu", "bf16")
+    with pytest.raises(UsageError, match="fp16"):
+        choose_device_dtype("cpu", "fp16")
+    with pytest.raises(KitError, match="no usable CUDA GPU"):
+        choose_device_dtype("cuda", "auto")
+    with pytest.raises(UsageError):
+        choose_device_dtype("tpu", "auto")
+
+
+@pytest.mark.parametrize("capability,name,auto", [((7, 5), "Tesla T4", "fp16"),
+                                                  ((7, 0), "Tesla V100-SXM2-32GB", "fp16"),
+                                                  ((8, 0), "NVIDIA A100-SXM4-80GB", "bf16"),
+                                                  ((9, 0), "NVIDIA H100 80GB HBM3", "bf16")])
+def test_gpu_dtype_follows_compute_capability(monkeypatch, capability, name, auto):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: name)
+    # Emulated bf16 makes this True on old GPUs; the engine must not trust it.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    device, dtype, reason, gpu = choose_device_dtype("auto", "auto")
+    assert (device, dtype, gpu) == ("cuda", auto, name)
+    assert f"{capability[0]}.{capability[1]}" in reason
+    if capability < (8, 0):
+        with pytest.raises(KitError, match="compute capability 8.0"):
+            choose_device_dtype("cuda", "bf16")
+    assert choose_device_dtype("cuda", "fp32")[1] == "fp32"
+
+
+# --- folders the engine refuses --------------------------------------------------------------
+
+def test_a_base_model_without_chat_template_is_refused(tmp_path, tiny_internlm2_dir, state_dir):
+    folder = build_tiny_internlm2(tmp_path / "base", tokenizer_model=tiny_internlm2_dir / "tokenizer.model")
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    del config["chat_template"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ModelFolderError, match="not a chat model"):
+        NativeEngine(folder, device="cpu")
+
+
+def test_a_truncated_shard_is_refused_before_loading(tmp_path, tiny_internlm2_dir, state_dir):
+    folder = build_tiny_internlm2(tmp_path / "cut", tokenizer_model=tiny_internlm2_dir / "tokenizer.model")
+    shard = folder / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    with pytest.raises(ModelFolderError, match="truncated") as info:
+        NativeEngine(folder, device="cpu")
+    assert "internlm-kit doctor --model" in info.value.fix
+
+
+def test_missing_tensors_are_refused(tmp_path, tiny_internlm2_dir, state_dir):
+    folder = build_tiny_internlm2(tmp_path / "holes", tokenizer_model=tiny_internlm2_dir / "tokenizer.model",
+                                  drop_tensors=("output.weight",))
+    with pytest.raises(ModelFolderError, match="output.weight"):
+        NativeEngine(folder, device="cpu")
+
+
+def test_valid_bytes_after_a_held_space_and_broken_bytes_are_kept(engine):
+    """Seen in a sampled reply: "▁" (held: alone it decodes to nothing) then <0x92> <0xF3> <0x7B>
+    <0x78>. The tokenizer's byte fallback turned the whole run into U+FFFD, losing "{x"."""
+    from setup_kit.decoding import IncrementalDecoder
+
+    tokenizer = engine.tokenizer
+    ids = tokenizer.convert_tokens_to_ids(["\u2581", "<0x92>", "<0xF3>", "<0x7B>", "<0x78>", "<0x7E>"])
+    decoder = IncrementalDecoder(tokenizer)
+    text = "".join(decoder.push(i) for i in ids) + decoder.flush()
+    assert text.replace("\ufffd", "") == "{x~" and "\ufffd" in text
