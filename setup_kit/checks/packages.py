@@ -137,13 +137,21 @@ def _requirement_fix(ctx: Context, package: str) -> str:
     return f"{package}{combined}"
 
 
+def _installed_name(ctx: Context, requirement: str) -> str:
+    from setup_kit.probe import canonical
+
+    return ctx.env.distributions[canonical(Requirement(requirement).name)].name
+
+
 @check("packages.dependencies", ENV, "Every package's requirements met (pip check)", needs=("env",))
 def dependencies(ctx: Context) -> Result:
     problems = dependency_problems(ctx)
     if not problems:
         return ok(f"the requirements of all {len(ctx.env.distributions)} installed distributions are met")
-    lines = [f"{name} {version} requires {req}, but " +
-             (f"{Requirement(req).name} {have} is installed" if have else "it is not installed")
+    # pip's own wording, which users search for; version conflicts before missing packages.
+    problems.sort(key=lambda p: p[3] is None)
+    lines = [f"{name} {version} requires {req}, but you have {_installed_name(ctx, req)} {have} which is incompatible."
+             if have else f"{name} {version} requires {req}, which is not installed."
              for name, version, req, have in problems]
     packages = list(dict.fromkeys(Requirement(req).name for _, _, req, _ in problems))
     fix = pip_install(ctx.python, [_requirement_fix(ctx, p) for p in packages])
