@@ -91,14 +91,23 @@ def diagnose(python: str | None = None, model: str | Path | None = None, profile
              only: list[str] | None = None, dtype: str = "auto") -> Report:
     """Run the doctor's checks (all, or those named by `only`) against a target interpreter."""
     from setup_kit import probe
+
+    target = probe.resolve_python(python)
+    # `import torch` is the slowest fact: start it before anything else when every check runs.
+    torch_process = probe.start_script(target, "torch_script.py") if not only else None
+    try:
+        checks = select_checks(only)
+    except Exception:
+        if torch_process:
+            torch_process.kill()
+        raise
+    needs = set().union(*(c.needs for c in checks)) if checks else set()
+    env_process = probe.start_script(target, "env_script.py")
+    if torch_process is None and "torch" in needs:
+        torch_process = probe.start_script(target, "torch_script.py")
+
     from setup_kit.checks.model import remote_code_imports
     from setup_kit.modelfolder import inspect_model_folder
-
-    checks = select_checks(only)
-    needs = set().union(*(c.needs for c in checks)) if checks else set()
-    target = probe.resolve_python(python)
-    env_process = probe.start_script(target, "env_script.py")
-    torch_process = probe.start_script(target, "torch_script.py") if "torch" in needs else None
     with ThreadPoolExecutor(max_workers=1) as pool:
         gpu_future = pool.submit(probe.probe_gpu) if needs & {"gpu", "torch"} else None
         ctx = Context(python=target, dtype=dtype)
@@ -111,10 +120,11 @@ def diagnose(python: str | None = None, model: str | Path | None = None, profile
         try:
             ctx.env = probe.environment_from(env_process, target)
         finally:
-            if ctx.env is None:
+            if ctx.env is None:  # the target cannot even run the stdlib probe: stop the others
                 for process in (torch_process, imports_process and imports_process[0]):
                     if process is not None:
                         process.kill()
+                        process.wait()
         ctx.gpu = gpu_future.result() if gpu_future else None
         ctx.torch = probe.torch_from(torch_process) if torch_process else None
         ctx.imports = probe.imports_from(imports_process) if imports_process else None
