@@ -21,10 +21,11 @@ def command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Resolve the whole profile and show what would change; "
                                                           "install nothing."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation (required without a terminal)."),
-    rollback: Optional[str] = typer.Option(None, "--rollback", metavar="[SNAPSHOT]", is_flag=False,
-                                           flag_value="latest",
-                                           help="Restore the target to its latest snapshot (or the named one) exactly, "
-                                                "removing what was installed since."),
+    rollback: bool = typer.Option(False, "--rollback",
+                                  help="Restore the target to its latest snapshot (or SNAPSHOT) exactly, "
+                                       "removing what was installed since."),
+    snapshot: Optional[str] = typer.Argument(None, metavar="[SNAPSHOT]",
+                                             help="With --rollback: the snapshot id or .json path (default: latest)."),
     list_profiles: bool = typer.Option(False, "--list-profiles", help="List the profiles and exit."),
     list_snapshots: bool = typer.Option(False, "--list-snapshots", help="List the snapshots of the target and exit."),
     torch_index_url: Optional[str] = typer.Option(None, "--torch-index-url", metavar="URL",
@@ -45,7 +46,8 @@ def command(
 
     from setup_kit.errors import UsageError
 
-    console = Console(stderr=as_json, highlight=False)
+    # soft_wrap: long paths and commands stay whole lines (copy-pasteable, greppable in logs).
+    console = Console(stderr=as_json, highlight=False, soft_wrap=True)
     if installer not in ("pip", "uv"):
         raise UsageError(f"--installer {installer} is not pip or uv.", "Pass --installer pip or --installer uv.")
     if python and venv:
@@ -62,11 +64,14 @@ def command(
     options = installing.InstallOptions(profile=profile, python=python, venv=venv, installer=installer,
                                         dry_run=dry_run, yes=yes, verbose=verbose, torch_index_url=torch_index_url,
                                         interactive=sys.stdin.isatty() and not as_json)
-    if rollback is not None:
+    if snapshot is not None and not rollback:
+        raise UsageError(f"'{snapshot}' is only understood after --rollback.",
+                         "Run `internlm-kit install --rollback SNAPSHOT`, or leave the argument out.")
+    if rollback:
         if profile or dry_run:
             raise UsageError("--rollback restores a snapshot; it takes no --profile or --dry-run.",
                              "Run `internlm-kit install --rollback [SNAPSHOT] --python PATH` on its own.")
-        outcome = installing.rollback(options, None if rollback == "latest" else rollback, console)
+        outcome = installing.rollback(options, snapshot, console)
     else:
         outcome = installing.install(options, console)
     if as_json:

@@ -27,7 +27,8 @@ class FoundPython:
 def _candidates() -> list[tuple[str, str]]:
     found = [(sys.executable, "running")]
     for directory in os.environ.get("PATH", "").split(os.pathsep):
-        if directory and os.path.isdir(directory):
+        # pyenv's shims are slow shell scripts for the versions listed below anyway.
+        if directory and os.path.isdir(directory) and os.path.basename(directory) != "shims":
             found += [(os.path.join(directory, n), "PATH") for n in sorted(os.listdir(directory)) if NAME.match(n)]
     pyenv = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
     found += [(p, "pyenv") for p in sorted(glob.glob(os.path.join(pyenv, "versions", "*", "bin", "python3")))]
@@ -42,21 +43,27 @@ def _candidates() -> list[tuple[str, str]]:
     return found
 
 
+def _version_of(path: str) -> str | None:
+    try:
+        done = subprocess.run([path, "-I", "-c", VERSION_SCRIPT], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else None
+
+
 def find_pythons() -> list[FoundPython]:
-    """Every distinct interpreter found, with its version as it reports it."""
-    seen, found = set(), []
+    """Every distinct interpreter found, with its version as it reports it (asked concurrently)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen, unique = set(), []
     for path, source in _candidates():
         real = os.path.realpath(path)
-        if real in seen or not os.access(path, os.X_OK):
-            continue
-        seen.add(real)
-        try:
-            done = subprocess.run([path, "-I", "-c", VERSION_SCRIPT], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if done.returncode == 0 and done.stdout.strip():
-            found.append(FoundPython(path, done.stdout.strip(), source))
-    return found
+        if real not in seen and os.access(path, os.X_OK):
+            seen.add(real)
+            unique.append((path, source))
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        versions = list(pool.map(_version_of, [path for path, _ in unique]))
+    return [FoundPython(path, version, source) for (path, source), version in zip(unique, versions) if version]
 
 
 def pick_python(spec: str, found: list[FoundPython] | None = None) -> FoundPython:

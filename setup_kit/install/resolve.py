@@ -99,6 +99,8 @@ def changes_from_uv(output: str, before: Environment) -> list[Change]:
 def predicted_conflicts(before: Environment, changes: list[Change], python: str) -> list[str]:
     """The doctor's own dependency check, run on the set the install would leave behind;
     only problems the install would introduce are returned."""
+    from packaging.requirements import Requirement
+
     from setup_kit.checks.base import Context
     from setup_kit.checks.packages import dependency_problems
     from setup_kit.probe import Distribution, EnvironmentFacts
@@ -121,8 +123,9 @@ def predicted_conflicts(before: Environment, changes: list[Change], python: str)
     for name, version, requirement, have in dependency_problems(facts(new)):
         if (name, version, requirement, have) in existing:
             continue
+        package = Requirement(requirement).name
         lines.append(f"{name} {version} requires {requirement}, but the install would leave "
-                     + (f"{have}" if have else "it missing"))
+                     + (f"{package} {have}" if have else f"{package} missing"))
     return lines
 
 

@@ -70,7 +70,8 @@ def inspect_target(python: str | None) -> Target:
                            f"and the kit's own interpreter has none either.",
                            f"Run `{exe} -m ensurepip --upgrade` (or install pip there), then try again.")
         target.pip = (sys.executable, "-m", "pip", "--python", exe, *QUIET_PIP)
-        target.notes.append(f"{exe} has pip {facts.get('pip') or 'none'}: using the kit's pip via --python")
+        have = f"pip {facts['pip']}" if facts.get("pip") else "no pip"
+        target.notes.append(f"{exe} has {have}: the kit's own pip drives it (pip --python)")
     if not target.in_virtualenv and not os.access(os.path.dirname(exe), os.W_OK):
         target.notes.append(f"{exe} is a system interpreter outside any venv: pip may refuse or need --user")
     return target
