@@ -341,12 +341,12 @@ class NativeEngine:
             return
         device = self.model.device
         sampler = Sampler(params, device)
-        cache = self._new_cache(len(prompt_ids) + limit)
         inputs = torch.tensor([prompt_ids], dtype=torch.long, device=device)
         position = torch.arange(len(prompt_ids), device=device)
         stats.stop = "length"
         with self._lock, torch.inference_mode():
-            try:
+            cache = self._new_cache(len(prompt_ids) + limit)  # (a static cache's tensors are
+            try:                                                # made in inference mode too)
                 yield from self._decode(inputs, cache, position, limit, sampler, cancel, started)
             finally:
                 stats.seconds = time.perf_counter() - started
@@ -375,7 +375,10 @@ class NativeEngine:
         kwargs = {self._cache_kw: cache, "use_cache": True, "cache_position": position}
         if self._keep_kw:
             kwargs[self._keep_kw] = 1
-        out = self._step(input_ids=inputs, **kwargs)
+        # Only the one-token decode step is compiled: prompts vary in length, and a compiled
+        # graph is specialised to its shapes.
+        step = self._step if inputs.shape[1] == 1 else self.model
+        out = step(input_ids=inputs, **kwargs)
         new_cache = getattr(out, "cache", None) if self._cache_kw == "cache" else out.past_key_values
         return out.logits[:, -1, :], new_cache
 
@@ -387,16 +390,26 @@ class NativeEngine:
             return None  # the model makes a dynamic cache on the first call
         from transformers import StaticCache
 
-        return StaticCache(config=self.model.config, max_cache_len=length)
+        # One static cache, reused while it is long enough: its shape is part of the compiled
+        # graph, so sizes grow in powers of two (each new size compiles once).
+        size = min(self.context_window, max(256, 1 << (length - 1).bit_length()))
+        if self._static is None or self._static_len < length:
+            self._static = StaticCache(config=self.model.config, max_cache_len=size)
+            self._static_len = size
+        else:
+            self._static.reset()
+        return self._static
 
     def _enable_compile(self) -> None:
-        """Static KV cache + torch.compile of the decode step (worth it on GPUs)."""
+        """Static KV cache + torch.compile of the forward pass (CUDA graphs on a GPU)."""
         import torch
 
+        mode = "reduce-overhead" if self.model.device.type == "cuda" else "default"
         try:
-            compiled = torch.compile(self.model.forward, mode="reduce-overhead", dynamic=False)
+            compiled = torch.compile(self.model.forward, mode=mode, dynamic=False)
         except Exception as exc:  # no compiler toolchain, unsupported platform
             raise KitError(f"torch.compile is not available here: {exc}",
                            "Run without --compile.") from exc
         self._step = lambda **kw: compiled(**kw)
+        self._static, self._static_len = None, 0
         self.compiled = True
