@@ -5,6 +5,41 @@ from __future__ import annotations
 import typer
 
 
-def command() -> None:
-    """(being built)"""
-    raise typer.Exit(2)
+def command(
+    model: str = typer.Option(None, "--model", "-m", metavar="DIR|REPO",
+                              help="Model folder, or a hub name (its `download` folder)."),
+    host: str = typer.Option("127.0.0.1", "--host",
+                             help="Address to listen on. Anything but 127.0.0.1 is reachable "
+                                  "from other machines: set --api-key then."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    engine: str = typer.Option("native", "--engine", "-e", help="native (default) or remote-code."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, bf16, fp16 or fp32."),
+    api_key: str = typer.Option(None, "--api-key", envvar="INTERNLM_KIT_API_KEY", show_envvar=True,
+                                help="Require `Authorization: Bearer KEY` on /v1 requests."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1,
+                                  help="Requests generated together in one batch (kit backend)."),
+    max_queue: int = typer.Option(32, "--max-queue", min=0,
+                                  help="Requests allowed to wait for a free slot; more get 503."),
+    backend: str = typer.Option("kit", "--backend", help="kit (this process), lmdeploy or vllm."),
+    tp: int = typer.Option(1, "--tp", min=1, help="Tensor parallelism over N GPUs (lmdeploy, vllm)."),
+    model_name: str = typer.Option(None, "--model-name", metavar="NAME",
+                                   help="Name clients use in `model` (default: the folder's name)."),
+    skip_checks: bool = typer.Option(False, "--skip-checks",
+                                     help="Start without the doctor's pre-flight checks."),
+    threads: int = typer.Option(None, "--threads", min=1,
+                                help="CPU threads for torch (default: torch's own choice)."),
+) -> None:
+    """Serve the model over an OpenAI-compatible API (/v1/chat/completions) with a chat page at /.
+
+    Open http://127.0.0.1:8000/ in a browser, or point any OpenAI client at
+    http://127.0.0.1:8000/v1. --backend lmdeploy|vllm hands the same folder to those servers.
+    """
+    from setup_kit.serve.server import ServeOptions, serve
+
+    code = serve(ServeOptions(model=model, host=host, port=port, engine=engine, device=device,
+                              dtype=dtype, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+                              backend=backend, tp=tp, model_name=model_name,
+                              skip_checks=skip_checks, threads=threads))
+    if code:
+        raise typer.Exit(code)

@@ -14,6 +14,7 @@ the whole cache on every step (a copy that grows with batch and length and domin
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -21,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from setup_kit.decoding import IncrementalDecoder
+
+log = logging.getLogger("internlm_kit.serve")
 
 FinishReason = str  # "stop" | "length" | "cancelled" | "error"
 
@@ -51,6 +54,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    token_ids: list[int] | None = None  # on the finishing event: every generated token, for tests/logs
 
 
 @dataclass
@@ -129,7 +133,7 @@ class _Slot:
                 return
         self.done = True
         self.request.emit(Event(finish_reason=reason, prompt_tokens=len(self.request.prompt_ids),
-                                completion_tokens=len(self.generated)))
+                                completion_tokens=len(self.generated), token_ids=list(self.generated)))
 
     def cancel(self) -> None:
         self.done = True
@@ -251,6 +255,7 @@ class BatchScheduler:
                         self._decode_step()
                         self._drop_finished()
                 except Exception as exc:  # a bug must not wedge the server: fail the batch, go on
+                    log.exception("decode step failed")
                     self._fail_all(f"{type(exc).__name__}: {exc}")
         self._fail_all("the server is shutting down")
 
@@ -268,7 +273,12 @@ class BatchScheduler:
             if request.cancel.is_set():
                 request.emit(Event(finish_reason="cancelled", prompt_tokens=len(request.prompt_ids)))
                 continue
-            self._prefill(request)
+            try:
+                self._prefill(request)
+            except Exception as exc:  # this request's failure, not the batch's
+                log.exception("prefill failed")
+                request.emit(Event(finish_reason="error", error=f"{type(exc).__name__}: {exc}",
+                                   prompt_tokens=len(request.prompt_ids)))
 
     def _prefill(self, request: Request) -> None:
         """Run the prompt alone (no padding), take its first token, merge it into the batch."""

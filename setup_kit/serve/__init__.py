@@ -1,0 +1,1 @@
+"""`internlm-kit serve`: the model behind an OpenAI-compatible API and a chat page (or LMDeploy / vLLM)."""

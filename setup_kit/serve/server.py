@@ -1,0 +1,139 @@
+"""Load the model once, wrap it in the batching scheduler and the app, and run uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from setup_kit.errors import UsageError
+
+from setup_kit.serve.app import ServedModel, create_app
+from setup_kit.serve.scheduler import BatchScheduler
+
+log = logging.getLogger("internlm_kit.serve")
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """End-of-turn ids: the tokenizer's eos, the generation config's list, and ChatML's `<|im_end|>`."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is not None:
+        ids.update(int(i) for i in (configured if isinstance(configured, (list, tuple)) else [configured]))
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return ids
+
+
+def served_model(model, tokenizer, model_id: str, *, max_batch: int = 8, max_queue: int = 32,
+                 eos_ids: set[int] | None = None) -> ServedModel:
+    eos_ids = eos_ids or stop_token_ids(model, tokenizer)
+    scheduler = BatchScheduler(model.eval(), tokenizer, eos_ids=eos_ids,
+                               max_batch=max_batch, max_queue=max_queue)
+    return ServedModel(id=model_id, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def load_served_model(model_dir: Path, model_id: str, *, device: str = "auto", dtype: str = "auto",
+                      max_batch: int = 8, max_queue: int = 32) -> ServedModel:
+    from setup_kit.engines.native import load_model_and_tokenizer
+
+    model, tokenizer, info = load_model_and_tokenizer(model_dir, device=device, dtype=dtype)
+    return served_model(model, tokenizer, model_id, max_batch=max_batch, max_queue=max_queue,
+                        eos_ids=set(info.eos_token_ids))
+
+
+def run(served: ServedModel, *, host: str, port: int, api_key: str | None, log_level: str = "info") -> None:
+    import uvicorn
+
+    app = create_app(served, api_key=api_key)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3)
+
+
+@dataclass
+class ServeOptions:
+    model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    engine: str = "native"
+    device: str = "auto"
+    dtype: str = "auto"
+    api_key: str | None = None
+    max_batch: int = 8
+    max_queue: int = 32
+    backend: str = "kit"
+    tp: int = 1
+    model_name: str | None = None
+    skip_checks: bool = False
+    threads: int | None = None
+
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def serve(options: ServeOptions) -> int:
+    """Run `internlm-kit serve` to the end; the exit code."""
+    from setup_kit.engines.select import missing_model_error, resolve_model_dir
+
+    if options.backend not in ("kit", "lmdeploy", "vllm"):
+        raise UsageError(f"Unknown backend {options.backend!r}.", "Use --backend kit, lmdeploy or vllm.")
+    if options.engine not in ("native", "remote-code"):
+        raise UsageError(f"Unknown engine {options.engine!r}.", "Use --engine native or remote-code.")
+    model_dir = resolve_model_dir(options.model)
+    if not model_dir.is_dir():
+        raise missing_model_error(options.model, model_dir)
+    name = options.model_name or _default_name(options.model, model_dir)
+    _warn_if_exposed(options)
+    if options.backend != "kit":
+        from setup_kit.serve.backends import run_backend
+
+        return run_backend(options.backend, model_dir, name=name, host=options.host, port=options.port,
+                           tp=options.tp, api_key=options.api_key, dtype=options.dtype)
+    if options.engine == "remote-code":
+        raise UsageError(
+            "The kit's server batches requests on the native engine only; the remote code cannot share "
+            "one batch between requests.",
+            "Drop --engine remote-code (the native engine runs the same weights without remote code), "
+            "or use `internlm-kit chat --engine remote-code` for a single conversation.")
+    if not options.skip_checks:
+        from setup_kit.repl import preflight
+
+        preflight("native", model_dir, options.device, options.dtype)
+    if options.threads:
+        import torch
+
+        torch.set_num_threads(options.threads)
+    console = Console(stderr=True, highlight=False)
+    console.print(f"internlm-kit serve: loading {model_dir} ...")
+    served = load_served_model(model_dir, name, device=options.device, dtype=options.dtype,
+                               max_batch=options.max_batch, max_queue=options.max_queue)
+    shown = f"[{options.host}]" if ":" in options.host else options.host
+    console.print(f"internlm-kit serve: model '{name}' (context {served.context_window} tokens)\n"
+                  f"  chat page:  http://{shown}:{options.port}/\n"
+                  f"  OpenAI API: http://{shown}:{options.port}/v1"
+                  + ("  (API key required)" if options.api_key else ""))
+    run(served, host=options.host, port=options.port, api_key=options.api_key)
+    return 0
+
+
+def _default_name(model: str | None, model_dir: Path) -> str:
+    from setup_kit.engines.select import looks_like_repo
+
+    if model and looks_like_repo(model) and not Path(model).exists():
+        return model
+    if not model:
+        from setup_kit import DEFAULT_REPO
+
+        return DEFAULT_REPO
+    return model_dir.resolve().name
+
+
+def _warn_if_exposed(options: ServeOptions) -> None:
+    if options.host not in LOCAL_HOSTS and not options.api_key:
+        Console(stderr=True, highlight=False).print(
+            f"[yellow]warning:[/yellow] listening on {options.host} without an API key: anyone who can "
+            "reach this machine can use the model. Set --api-key KEY (or INTERNLM_KIT_API_KEY).")
