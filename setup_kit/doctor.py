@@ -28,15 +28,16 @@ PREFLIGHT_CHECKS = {
 }
 
 
-def choose_profile(env, name: str | None, has_gpu: bool):
-    """(profile, reason, explicit, fix_profile). Without --profile: the profile whose transformers
-    and torch pins match what is installed, else none (pins are then not checked)."""
+def choose_profile(env, given, has_gpu: bool):
+    """(profile, reason, explicit, fix_profile). `given` is a Profile, a name or None. Without one:
+    the profile whose transformers and torch pins match what is installed, else none (pins are
+    then not checked)."""
     from packaging.version import Version
 
     from setup_kit.profiles import available_profiles, load_profile
 
-    if name:
-        profile = load_profile(name)
+    if given:
+        profile = load_profile(given) if isinstance(given, str) else given
         return profile, "--profile", True, profile
     profiles = list(available_profiles().values())
     installed = {n: env.version(n) for n in ("transformers", "torch")}
@@ -55,8 +56,13 @@ def choose_profile(env, name: str | None, has_gpu: bool):
     if chosen:
         return chosen, f"matches the installed transformers {installed['transformers']} and torch {installed['torch']}", \
             False, chosen
-    have = ", ".join(f"{n} {v}" for n, v in installed.items() if v) or "neither transformers nor torch"
-    reason = f"no profile matches {have}; pins not checked (pass --profile)"
+    have = ", ".join(f"{n} {v}" for n, v in installed.items() if v)
+    reason = (f"no profile matches {have}" if have else "neither transformers nor torch is installed") + \
+        "; pins not checked (pass --profile)"
+    from packaging.specifiers import SpecifierSet
+
+    runnable = [p for p in profiles if not p.python or SpecifierSet(p.python).contains(env.python_version)]
+    profiles = runnable or profiles
     if installed["transformers"]:
         target = Version(installed["transformers"]).release[:2]
         nearest = min((p for p in profiles if p.pin("transformers")),
@@ -91,8 +97,10 @@ def diagnose(python: str | None = None, model: str | Path | None = None, profile
              only: list[str] | None = None, dtype: str = "auto") -> Report:
     """Run the doctor's checks (all, or those named by `only`) against a target interpreter."""
     from setup_kit import probe
+    from setup_kit.profiles import load_profile
 
     target = probe.resolve_python(python)
+    profile = load_profile(profile) if isinstance(profile, str) else profile  # bad names fail before probing
     # `import torch` is the slowest fact: start it before anything else when every check runs.
     torch_process = probe.start_script(target, "torch_script.py") if not only else None
     try:

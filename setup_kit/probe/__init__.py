@@ -145,7 +145,8 @@ def environment_from(process: subprocess.Popen, python: str, timeout: float = EN
     from setup_kit.errors import KitError
 
     status, out, err = finish(process, timeout)
-    fix = f"Check that `{python} -c 'import sys; print(sys.version)'` works, or point --python at another interpreter."
+    fix = (f"Point --python at the environment's Python 3.8+ interpreter (e.g. ENV/bin/python) and check "
+           f"that it starts: {python} -c 'import sys; print(sys.version)'")
     if status == "timeout":
         raise KitError(f"The interpreter {python} did not answer the probe within {timeout:.0f}s.", fix, exit_code=2)
     try:

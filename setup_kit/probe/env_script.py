@@ -13,8 +13,10 @@ import sys
 
 try:
     from importlib import metadata
-except ImportError:  # Python < 3.8: report what we can
-    metadata = None
+except ImportError:  # Python < 3.8: nothing to read distributions with
+    sys.stderr.write("Python {0} is too old: the doctor reads importlib.metadata (Python >= 3.8)\n".format(
+        platform.python_version()))
+    sys.exit(3)
 
 RELEVANT_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH_", "PYTORCH_", "CUDA_",
                      "NVIDIA_", "PIP_", "UV_", "INTERNLM_KIT_", "MODELSCOPE_")
@@ -63,8 +65,6 @@ def marker_environment():
 def distributions():
     """Installed distributions, first on sys.path wins (as for imports and pip)."""
     found = {}
-    if metadata is None:
-        return []
     for dist in metadata.distributions():
         try:
             name = dist.metadata["Name"]
