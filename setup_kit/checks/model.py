@@ -72,10 +72,13 @@ def folder_name(ctx: Context) -> Result:
     return _from_problems(ctx, ("dot-in-folder-name",), good)
 
 
-def _inside_try(node: ast.AST, parents: dict) -> bool:
+def _guarded(node: ast.AST, parents: dict) -> bool:
+    """Inside `try:` or `if is_..._available():`: optional, as transformers' own check_imports sees it."""
     while node in parents:
         parent = parents[node]
         if isinstance(parent, ast.Try) and node in parent.body:
+            return True
+        if isinstance(parent, ast.If) and "available" in ast.unparse(parent.test):
             return True
         node = parent
     return False
@@ -96,7 +99,7 @@ def remote_code_imports(folder) -> list[dict]:
             continue
         parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
         for node in ast.walk(tree):
-            if not isinstance(node, (ast.Import, ast.ImportFrom)) or _inside_try(node, parents):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)) or _guarded(node, parents):
                 continue
             if isinstance(node, ast.ImportFrom) and (node.level or not node.module):
                 continue

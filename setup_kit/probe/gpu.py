@@ -96,6 +96,7 @@ def from_nvidia_smi(timeout: float = 10.0) -> GpuFacts | None:
     if exe is None:
         return None
     fields = QUERY_FIELDS
+    header = None
     try:
         # The query and the plain header (which carries "CUDA Version") run side by side.
         header = subprocess.Popen([exe], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -106,6 +107,9 @@ def from_nvidia_smi(timeout: float = 10.0) -> GpuFacts | None:
             query = _run([exe, f"--query-gpu={fields}", "--format=csv,noheader,nounits"], timeout)
         header_out, _ = header.communicate(timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:
+        if header is not None and header.poll() is None:
+            header.kill()
+            header.wait()
         return GpuFacts(source="none", error=f"nvidia-smi: {exc}")
     if query.returncode != 0:
         message = (query.stdout + query.stderr).strip().splitlines()
