@@ -34,9 +34,24 @@ test-fast: $(VENV)/.installed
 doctor: $(VENV)/.installed
 	$(BIN)/internlm-kit doctor $(if $(MODEL),--model $(MODEL),)
 
+# From a clean clone to a chat: set up when needed (the .venv prerequisite), fetch the model when
+# it is not complete on disk (MODEL= a hub name or a folder; default internlm/internlm2-chat-1_8b),
+# then chat, which runs the doctor's pre-flight checks before loading anything.
 chat: $(VENV)/.installed
-	$(BIN)/internlm-kit download $(if $(MODEL),$(MODEL),)
-	$(BIN)/internlm-kit chat $(if $(MODEL),--model $(MODEL),)
+	@dir=$$($(BIN)/python -c "$$CHAT_MODEL_DIR" "$(MODEL)") || exit 1; \
+	case "$$dir" in fetch:*) dir=$${dir#fetch:}; \
+	  $(BIN)/internlm-kit download $(MODEL) --local-dir "$$dir" || exit 1;; esac; \
+	$(BIN)/internlm-kit chat --model "$$dir"
+
+# The folder MODEL resolves to, prefixed "fetch:" when it is missing or incomplete.
+define CHAT_MODEL_DIR
+import sys
+from setup_kit.engines.select import resolve_model_dir
+from setup_kit.modelfolder import inspect_model_folder
+folder = resolve_model_dir(sys.argv[1] or None)
+print(("" if inspect_model_folder(folder).ok else "fetch:") + str(folder))
+endef
+export CHAT_MODEL_DIR
 
 serve: $(VENV)/.installed
 	$(BIN)/internlm-kit download $(if $(MODEL),$(MODEL),)
