@@ -97,6 +97,27 @@ def test_chat_tokens_keep_their_sentencepiece_ids(tiny_sentencepiece, converted)
     assert tokenizer.decode([im_end], skip_special_tokens=True) == ""
 
 
+def test_chat_tokens_keep_the_real_models_ids_at_full_vocabulary_size(tiny_internlm2_dir, tmp_path):
+    """The hub's tokenizer.model has 92544 pieces: <|im_end|> must stay 92542, <|im_start|> 92543."""
+    import shutil
+
+    from fixtures.models import _tokenizer_files, grow_tokenizer_model
+    from setup_kit.tokenizer_files import write_tokenizer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copyfile(tiny_internlm2_dir / "tokenizer.model", src / "tokenizer.model")
+    assert grow_tokenizer_model(src / "tokenizer.model") == 92544
+    _tokenizer_files(src, 92544)
+    write_tokenizer(src, tmp_path / "out")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert len(tokenizer) == 92544
+    assert [tokenizer.convert_tokens_to_ids(t) for t in CHAT_TOKENS] == list(range(92538, 92544))
+    assert tokenizer.encode("<|im_start|>user\n你好<|im_end|>", add_special_tokens=False)[0] == 92543
+
+
 @pytest.mark.parametrize("text", [ENGLISH, CHINESE, MIXED, "书生·浦语 InternLM2-chat-1.8B"])
 def test_token_ids_equal_sentencepiece(tiny_sentencepiece, converted, text):
     _, tokenizer = converted

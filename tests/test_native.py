@@ -271,3 +271,17 @@ def test_compile_option_gives_the_same_greedy_tokens(engine):
                                         {"role": "user", "content": "Again, please."}])
     assert list(compiled.generate_tokens(longer, params)) == list(engine.generate_tokens(longer, params))
     assert "torch.compile" in compiled.describe()
+
+
+def test_the_built_tokenizer_is_cached_between_loads(tiny_internlm2_dir, state_dir, monkeypatch, engine):
+    cached = list((state_dir / "tokenizers").iterdir())
+    assert cached and all((c / "tokenizer.json").is_file() for c in cached)
+    import setup_kit.tokenizer_files as tokenizer_files
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the tokenizer was built again")
+
+    monkeypatch.setattr(tokenizer_files, "build_fast_tokenizer", no_rebuild)
+    monkeypatch.setattr(tokenizer_files, "write_tokenizer", no_rebuild)
+    again = NativeEngine(tiny_internlm2_dir, device="cpu", model=None)
+    assert again.encode_chat(CHAT) == engine.encode_chat(CHAT)
