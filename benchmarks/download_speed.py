@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -30,13 +31,16 @@ REPO = "internlm/internlm2-chat-1_8b"
 BIN = Path(sys.executable).parent
 
 
-def run(cmd: list[str], env: dict) -> float:
+def run(cmd: list[str], env: dict) -> tuple[float, float]:
+    """Wall seconds and the child's CPU seconds (user + system)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     elapsed = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    return elapsed
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -60,18 +64,21 @@ def main() -> None:
                                      "--local-dir", str(dest)],
             }
             times: dict[str, list[float]] = {"hf": [], "kit": []}
+            cpu: dict[str, list[float]] = {"hf": [], "kit": []}
             for i in range(args.rounds):
                 order = ["hf", "kit"] if i % 2 == 0 else ["kit", "hf"]
                 for name in order:
                     dest = work / f"{name}-{i}"
-                    times[name].append(run(commands[name](dest), env))
+                    wall, cpu_s = run(commands[name](dest), env)
+                    times[name].append(wall)
+                    cpu[name].append(cpu_s)
                     shutil.rmtree(dest)
                     shutil.rmtree(work / "hf-home", ignore_errors=True)
         mbps = {k: total / statistics.median(v) / 1e6 for k, v in times.items()}
         print(f"files: {len(repo.files)}, {total / 1e6:.0f} MB per download (2 x {args.shard_mb} MiB shards + small files)")
         for name in ("hf", "kit"):
             print(f"  {name:>3}: median {statistics.median(times[name]):.2f} s  ({mbps[name]:.0f} MB/s)  "
-                  f"runs: {', '.join(f'{t:.2f}' for t in times[name])}")
+                  f"client CPU {statistics.median(cpu[name]):.2f} s  runs: {', '.join(f'{t:.2f}' for t in times[name])}")
         print(f"throughput ratio kit/hf: {mbps['kit'] / mbps['hf']:.2f}  (target >= 0.90; kit includes its sha256 pass)")
         print(f"command: .venv/bin/python benchmarks/download_speed.py --shard-mb {args.shard_mb} --rounds {args.rounds}")
     finally:

@@ -61,8 +61,9 @@ def resolve_gets(hub: HubServer) -> list[str]:
     return [p for m, p, _ in hub.requests if m == "GET" and "/resolve/" in p]
 
 
-def partial_size(dest: Path) -> int:
-    parts = list((dest / PARTIALS).glob("*.part"))
+def partial_size(dest: Path, sha256: str | None = None) -> int:
+    """Bytes kept in the kit's partial files (of one file, named by its sha256, when given)."""
+    parts = list((dest / PARTIALS).glob(f"{sha256 or '*'}.part"))
     return sum(p.stat().st_size for p in parts)
 
 
@@ -171,6 +172,7 @@ def test_a_cut_connection_is_resumed_within_the_run(hub, hub_repo, tmp_path):
 
     assert proc.returncode == 0, proc.stderr
     assert_same_files(dest, hub_repo)
+    assert hub.served[SHARD1] == hub_repo.files[SHARD1].size  # no byte sent twice
     ranges = [r for m, p, r in hub.requests if p.endswith(SHARD1) and m == "GET"]
     assert ranges[0] is None and ranges[1] and ranges[1].startswith("bytes=")
 
@@ -183,8 +185,8 @@ def test_network_cut_then_hub_down_resumes_next_run_moving_only_missing_bytes(hu
     first = run_kit(["--source", "hf", "--local-dir", str(dest)], env)
 
     assert_clear_failure(first, "500", "--endpoint", "modelscope", "--from")
-    kept = partial_size(dest)
-    assert kept > 0 and not (dest / SHARD1).exists()
+    kept = partial_size(dest, hub_repo.files[SHARD1].sha256)
+    assert kept == 11 * MiB and not (dest / SHARD1).exists()
     hub.clear_faults()
     hub.reset_counters()
 
@@ -194,18 +196,19 @@ def test_network_cut_then_hub_down_resumes_next_run_moving_only_missing_bytes(hu
     assert hub.served[SHARD1] == hub_repo.files[SHARD1].size - kept
     assert all(hub.served[f] == 0 for f in hub_repo.files if f != SHARD1)  # the rest were already done
     assert_same_files(dest, hub_repo)
-    assert partial_size(dest) == 0
+    assert partial_size(dest) == 0  # no partial left behind
 
 
 def test_a_killed_process_resumes_moving_only_missing_bytes(hub, hub_repo, tmp_path):
     dest = tmp_path / "m"
-    env = kit_env(hub.url, tmp_path)
-    fault = hub.pause(SHARD1, after=11 * MiB)  # 10 MiB reach the disk (http_get writes 10 MiB chunks)
+    env = kit_env(hub.url, tmp_path, HF_HUB_DOWNLOAD_TIMEOUT="60")  # the pause must not look like a dead link
+    sha = hub_repo.files[SHARD1].sha256
+    fault = hub.pause(SHARD1, after=11 * MiB)
     proc = popen_kit(["--source", "hf", "--local-dir", str(dest)], env)
     try:
         assert fault.reached.wait(30), "the kit never got that far"
         deadline = time.monotonic() + 20
-        while partial_size(dest) < 10 * MiB and time.monotonic() < deadline:
+        while partial_size(dest, sha) < 11 * MiB and time.monotonic() < deadline:
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
@@ -213,8 +216,8 @@ def test_a_killed_process_resumes_moving_only_missing_bytes(hub, hub_repo, tmp_p
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    kept = partial_size(dest)
-    assert kept >= 10 * MiB
+    kept = partial_size(dest, sha)
+    assert kept == 11 * MiB  # everything that arrived before the kill was kept
     hub.clear_faults()
     hub.reset_counters()
 
@@ -374,13 +377,14 @@ def test_offline_mode_checks_an_earlier_download_without_the_network(hub, tmp_pa
 
 def test_ctrl_c_keeps_the_partial_file_and_exits_130(hub, hub_repo, tmp_path):
     dest = tmp_path / "m"
-    env = kit_env(hub.url, tmp_path)
+    env = kit_env(hub.url, tmp_path, HF_HUB_DOWNLOAD_TIMEOUT="60")  # the pause must not look like a dead link
+    sha = hub_repo.files[SHARD1].sha256
     fault = hub.pause(SHARD1, after=11 * MiB)
     proc = popen_kit(["--source", "hf", "--local-dir", str(dest)], env)
     try:
         assert fault.reached.wait(30)
         deadline = time.monotonic() + 20
-        while partial_size(dest) < 10 * MiB and time.monotonic() < deadline:
+        while partial_size(dest, sha) < 11 * MiB and time.monotonic() < deadline:
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
         time.sleep(0.3)
@@ -393,5 +397,5 @@ def test_ctrl_c_keeps_the_partial_file_and_exits_130(hub, hub_repo, tmp_path):
 
     assert proc.returncode == 130, err
     assert "run the same command again to resume" in err and "Traceback" not in err
-    assert partial_size(dest) >= 10 * MiB
+    assert partial_size(dest, sha) >= 11 * MiB
     assert not (dest / SHARD1).exists()

@@ -233,6 +233,26 @@ def _http_get(url, writer, have, headers, rf, manifest, endpoint):
         file_download.http_get(url, writer, **kwargs)
 
 
+@contextlib.contextmanager
+def network_sized_chunks():
+    """Have ``http_get`` hand over bytes as they arrive instead of re-assembling 10 MiB chunks.
+
+    ``http_get`` reads ``constants.DOWNLOAD_CHUNK_SIZE`` at call time. With it at 10 MiB a killed run
+    loses up to 10 MiB that had already arrived, and every byte is copied once more to build the
+    chunk; with None a kill loses at most one network read and the client does less work (measured
+    by benchmarks/download_speed.py). Restored afterwards: other users of huggingface_hub in the
+    process see their default again.
+    """
+    from huggingface_hub import constants
+
+    saved = constants.DOWNLOAD_CHUNK_SIZE
+    constants.DOWNLOAD_CHUNK_SIZE = None
+    try:
+        yield
+    finally:
+        constants.DOWNLOAD_CHUNK_SIZE = saved
+
+
 def _tell_huggingface_hub(local_dir: Path, rf: RemoteFile, manifest: Manifest) -> None:
     """Write huggingface_hub's own per-file metadata, so a later ``hf download`` into this folder
     recognises the file instead of hashing or fetching it again."""

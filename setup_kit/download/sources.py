@@ -197,7 +197,7 @@ def run_plan(plan: Plan, endpoint: str, record: VerifiedRecord, console: Console
     cancel = threading.Event()
     transferred = 0
     lock = threading.Lock()
-    with DownloadProgress(console, plan.bytes_to_fetch, enabled=show) as progress:
+    with DownloadProgress(console, plan.bytes_to_fetch, enabled=show) as progress, hub.network_sized_chunks():
 
         def work(state: FileState) -> None:
             nonlocal transferred
