@@ -93,8 +93,9 @@ class Repl:
         if result.stats.stop == "interrupt" and result.error is None:
             self.term.note("(reply stopped; what was said is kept in the conversation)")
         elif result.stats.stop == "length":
-            self.term.note(f"(reply cut at max_new_tokens={self.session.params.max_new_tokens}; "
-                           "/set max_new_tokens N for longer replies)")
+            self.term.note(f"(reply cut at its length limit, {result.stats.completion_tokens} "
+                           "tokens: max_new_tokens or the room left in the context window; "
+                           "/set max_new_tokens N, /reset)")
         if result.error is not None:
             self.term.error(result.error)
         if self.term.json:
