@@ -28,6 +28,20 @@ PREFLIGHT_CHECKS = {
 }
 
 
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
+def normalize_dtype(dtype: str | None) -> str:
+    dtype = (dtype or "auto").lower().removeprefix("torch.")
+    return DTYPE_ALIASES.get(dtype, dtype)
+
+
+def normalize_device(device: str | None) -> str:
+    """auto | cpu | cuda (``cuda:1`` counts as cuda)."""
+    device = (device or "auto").lower()
+    return "cuda" if device.startswith("cuda") else device
+
+
 def choose_profile(env, given, has_gpu: bool):
     """(profile, reason, explicit, fix_profile). `given` is a Profile, a name or None. Without one:
     the profile whose transformers and torch pins match what is installed, else none (pins are
@@ -118,7 +132,7 @@ def diagnose(python: str | None = None, model: str | Path | None = None, profile
     from setup_kit.modelfolder import inspect_model_folder
     with ThreadPoolExecutor(max_workers=1) as pool:
         gpu_future = pool.submit(probe.probe_gpu) if needs & {"gpu", "torch"} else None
-        ctx = Context(python=target, dtype=dtype)
+        ctx = Context(python=target, dtype=normalize_dtype(dtype))
         if model is not None:
             ctx.model_path = Path(model).expanduser()
             ctx.model = inspect_model_folder(ctx.model_path)
@@ -149,6 +163,7 @@ def preflight(engine: str, model: str | Path | None, device: str = "auto", dtype
     from setup_kit.modelfolder import inspect_model_folder
     from setup_kit.probe import gpu as gpu_probe
 
+    device, dtype = normalize_device(device), normalize_dtype(dtype)
     wanted = PREFLIGHT_CHECKS.get(engine, PREFLIGHT_CHECKS["native"])
     checks = [c for c in all_checks() if c.id in wanted]
     ctx = Context(python=probe.resolve_python(None), dtype=dtype, device=device, engine=engine)

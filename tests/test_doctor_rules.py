@@ -100,3 +100,23 @@ def _varlen():
     assert items == ["import torch", "import einops",
                      "from transformers.utils import is_flash_attn_2_available",
                      "from transformers.utils import logging", "import flash_attn"]
+
+
+def test_a_check_that_crashes_becomes_an_error_result_and_the_others_still_run():
+    from setup_kit.checks import Check, Context, ok, run_checks
+
+    def broken(ctx):
+        return {}["no such fact"]
+
+    def failing_without_fix(ctx):
+        from setup_kit.checks.base import Result
+
+        return Result("fail", "something is wrong")
+
+    checks = [Check("demo.broken", "System", "crashes", broken),
+              Check("demo.unfixed", "System", "fails without a fix", failing_without_fix),
+              Check("demo.fine", "System", "works", lambda ctx: ok("fine"))]
+    results = run_checks(checks, Context(python="python"))
+    assert [r.status for r in results] == ["error", "error", "ok"]
+    assert results[0].details[0] == "KeyError: 'no such fact'"
+    assert "failed without a fix" in results[1].summary  # a fail must always carry its fix

@@ -37,11 +37,12 @@ def command(
         for item in all_checks():
             typer.echo(f"{item.id:<28} {item.category:<20} {item.title}")
         raise typer.Exit(0)
-    if dtype not in ("auto", "bfloat16", "float16", "float32"):
+    from setup_kit.doctor import diagnose, normalize_dtype
+    from setup_kit.report import render
+
+    if normalize_dtype(dtype) not in ("auto", "bfloat16", "float16", "float32"):
         raise UsageError(f"--dtype {dtype} is not one of auto, bfloat16, float16, float32.",
                          "Pass --dtype float16 (GPUs before compute capability 8.0) or leave it out.")
-    from setup_kit.doctor import diagnose
-    from setup_kit.report import render
 
     ids = [part.strip() for part in only.split(",") if part.strip()] if only else None
     report = diagnose(python=python, model=model, profile=profile, only=ids, dtype=dtype)
