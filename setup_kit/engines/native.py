@@ -344,23 +344,33 @@ class NativeEngine:
         inputs = torch.tensor([prompt_ids], dtype=torch.long, device=device)
         position = torch.arange(len(prompt_ids), device=device)
         stats.stop = "length"
-        with self._lock, torch.inference_mode():
-            cache = self._new_cache(len(prompt_ids) + limit)  # (a static cache's tensors are
-            try:                                                # made in inference mode too)
-                yield from self._decode(inputs, cache, position, limit, sampler, cancel, started)
-            finally:
-                stats.seconds = time.perf_counter() - started
+        # Replies with their own dynamic caches may interleave; the one static cache may not.
+        if self.compiled and not self._lock.acquire(blocking=False):
+            raise KitError("The compiled native engine is already generating a reply.",
+                           "Finish or cancel that reply first (or run without --compile).")
+        try:
+            with torch.inference_mode():  # (a static cache is made and reset in inference mode)
+                cache = self._new_cache(len(prompt_ids) + limit)
+            yield from self._decode(inputs, cache, position, limit, sampler, cancel, started)
+        finally:
+            stats.seconds = time.perf_counter() - started
+            if self.compiled:
+                self._lock.release()
 
     def _decode(self, inputs, cache, position, limit, sampler, cancel, started) -> Iterator[int]:
         import torch
 
-        stats, device = self._stats, inputs.device
+        stats = self._stats
         for step in range(limit):
             if cancel is not None and cancel.is_set():
                 stats.stop = "interrupt"
                 return
-            logits, cache = self._forward(inputs, cache, position)
-            token = int(sampler(logits))  # the one host sync per token
+            # Inference mode per step, not around the generator: it is thread-local state that
+            # would otherwise stay on in the caller's code between tokens.
+            with torch.inference_mode():
+                logits, cache = self._forward(inputs, cache, position)
+                chosen = sampler(logits)
+                token = int(chosen)  # the one host sync per token
             if step == 0:
                 stats.first_token_seconds = time.perf_counter() - started
             if token in self.eos_ids:
@@ -368,7 +378,7 @@ class NativeEngine:
                 return
             stats.completion_tokens += 1
             yield token
-            inputs = torch.tensor([[token]], dtype=torch.long, device=device)
+            inputs = chosen.view(1, 1)  # already on the device: no copy back
             position = position[-1:] + 1
 
     def _forward(self, inputs, cache, position):
