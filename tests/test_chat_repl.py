@@ -88,7 +88,7 @@ def test_replies_stream_keep_typed_spaces_and_remember_the_conversation(
     system, user1, assistant1, user2 = requests[1]
     assert (user1["content"], user2["content"]) == ("hello   there,  friend ", "and  now?")
     assert assistant1["role"] == "assistant" and assistant1["content"]
-    assert assistant1["content"].replace("\r", "") in first
+    assert assistant1["content"].replace("\r", "") in first.replace("\r", "")
     assert second_stats["prompt"] > first_stats["prompt"] + first_stats["reply"]
 
     chat.child.sendline('"""')
@@ -109,8 +109,9 @@ def test_ctrl_c_stops_the_reply_keeps_it_and_returns_to_the_prompt(
                 "3000", "--seed", "1")
     chat.prompt()
     chat.child.sendline("tell me a very long story")
+    chat.child.expect_exact("tell me a very long story\r\n")  # the terminal's echo
     chat.child.expect(r"\S")  # the reply has started to stream
-    time.sleep(0.5)
+    time.sleep(0.3)
     chat.child.sendintr()
     chat.child.expect_exact("reply stopped", timeout=10)
     chat.prompt()
