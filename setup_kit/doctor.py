@@ -115,45 +115,51 @@ def diagnose(python: str | None = None, model: str | Path | None = None, profile
 
     target = probe.resolve_python(python)
     profile = load_profile(profile) if isinstance(profile, str) else profile  # bad names fail before probing
-    # `import torch` is the slowest fact: start it before anything else when every check runs.
-    torch_process = probe.start_script(target, "torch_script.py") if not only else None
+    started: list = []  # every probe process, so none outlives the doctor (errors, Ctrl-C)
     try:
+        # `import torch` is the slowest fact: start it before anything else when every check runs.
+        torch_process = probe.start_script(target, "torch_script.py") if not only else None
+        started.append(torch_process)
         checks = select_checks(only)
-    except Exception:
-        if torch_process:
-            torch_process.kill()
-        raise
-    needs = set().union(*(c.needs for c in checks)) if checks else set()
-    env_process = probe.start_script(target, "env_script.py")
-    if torch_process is None and "torch" in needs:
-        torch_process = probe.start_script(target, "torch_script.py")
+        ctx = gather(target, checks, model, torch_process, started)
+    finally:
+        for process in filter(None, started):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    ctx.dtype = normalize_dtype(dtype)
+    ctx.profile, ctx.profile_reason, ctx.profile_explicit, ctx.fix_profile = choose_profile(
+        ctx.env, profile, bool(ctx.gpu and ctx.gpu.gpus))
+    return Report(describe_target(ctx, ctx.profile_reason), run_checks(checks, ctx))
 
+
+def gather(target: str, checks, model, torch_process, started: list) -> Context:
+    """The facts these checks need, from probes running side by side."""
+    from setup_kit import probe
     from setup_kit.checks.model import remote_code_imports
     from setup_kit.modelfolder import inspect_model_folder
+
+    needs = set().union(*(c.needs for c in checks)) if checks else set()
+    env_process = probe.start_script(target, "env_script.py")
+    started.append(env_process)
+    if torch_process is None and "torch" in needs:
+        torch_process = probe.start_script(target, "torch_script.py")
+        started.append(torch_process)
+    ctx = Context(python=target)
     with ThreadPoolExecutor(max_workers=1) as pool:
         gpu_future = pool.submit(probe.probe_gpu) if needs & {"gpu", "torch"} else None
-        ctx = Context(python=target, dtype=normalize_dtype(dtype))
         if model is not None:
             ctx.model_path = Path(model).expanduser()
             ctx.model = inspect_model_folder(ctx.model_path)
-        imports_process = None
+        imports = None
         if "imports" in needs and (items := remote_code_imports(ctx.model)):
-            imports_process = probe.start_imports(target, items)
-        try:
-            ctx.env = probe.environment_from(env_process, target)
-        finally:
-            if ctx.env is None:  # the target cannot even run the stdlib probe: stop the others
-                for process in (torch_process, imports_process and imports_process[0]):
-                    if process is not None:
-                        process.kill()
-                        process.wait()
+            imports = probe.start_imports(target, items)
+            started.append(imports[0])
+        ctx.env = probe.environment_from(env_process, target)  # raises (exit 2) if the target cannot run it
         ctx.gpu = gpu_future.result() if gpu_future else None
         ctx.torch = probe.torch_from(torch_process) if torch_process else None
-        ctx.imports = probe.imports_from(imports_process) if imports_process else None
-    has_gpu = bool(ctx.gpu and ctx.gpu.gpus)
-    ctx.profile, reason, ctx.profile_explicit, ctx.fix_profile = choose_profile(ctx.env, profile, has_gpu)
-    ctx.profile_reason = reason
-    return Report(describe_target(ctx, reason), run_checks(checks, ctx))
+        ctx.imports = probe.imports_from(imports) if imports else None
+    return ctx
 
 
 def preflight(engine: str, model: str | Path | None, device: str = "auto", dtype: str = "auto") -> Report:
@@ -171,7 +177,8 @@ def preflight(engine: str, model: str | Path | None, device: str = "auto", dtype
     if device == "cpu":
         checks = [c for c in checks if "gpu" not in c.needs]
     elif any("gpu" in c.needs for c in checks):
-        ctx.gpu = gpu_probe.from_nvml() or gpu_probe.from_nvidia_smi() or gpu_probe.GpuFacts()
+        ctx.gpu = next((f for f in (gpu_probe.from_nvml(), gpu_probe.from_nvidia_smi())
+                        if f is not None and f.source != "none"), gpu_probe.GpuFacts())
     if model is not None:
         ctx.model_path = Path(model).expanduser()
         ctx.model = inspect_model_folder(ctx.model_path)

@@ -108,17 +108,21 @@ def capability(gpu) -> str:
 @check("torch.import", GPU, "torch imports (in its own process)", needs=("torch",))
 def torch_import(ctx: Context) -> Result:
     facts = ctx.torch
-    if facts.status == "missing":
+    installed = ctx.env.version("torch") if ctx.env else None
+    if facts.status == "missing" and installed is None:
         return skip("torch is not installed (see packages.required)")
     if facts.status == "ok":
         build = f"CUDA {facts.cuda}" if facts.cuda else "CPU build"
         return ok(f"torch {facts.version} ({build}) imports in {facts.seconds:.1f}s", *facts.warnings)
-    installed = ctx.env.version("torch") if ctx.env else None
     pin = f"torch=={installed.split('+')[0]}" if installed else "torch"
-    fix = pip_install(ctx.python, [pin], "--force-reinstall", "--no-deps") + \
+    variant = installed.partition("+")[2] if installed else ""  # cu121, cpu: keep the same build
+    source = ("--index-url", f"https://download.pytorch.org/whl/{variant}") if variant else ()
+    fix = pip_install(ctx.python, [pin], "--force-reinstall", "--no-deps", *source) + \
         "   (if it still fails: check LD_LIBRARY_PATH and PYTHONPATH for a second torch or CUDA library)"
     what = {"timeout": "`import torch` hangs", "crashed": "`import torch` crashes",
-            "error": "the torch probe failed"}[facts.status]
+            "error": "the torch probe failed",
+            "missing": f"torch {installed} is installed (its metadata is there) but `import torch` finds no module"
+            }[facts.status]
     return fail(what, fix, *facts.detail.splitlines())
 
 
