@@ -150,6 +150,19 @@ def test_endpoint_option_wins_over_hf_endpoint(hub, hub_repo, tmp_path):
     assert_same_files(dest, hub_repo)
 
 
+def test_a_mirror_without_file_metadata_is_verified_from_per_file_headers(hub, hub_repo, tmp_path):
+    hub.file_metadata = False  # the repo listing names files only: sizes and hashes come from HEAD
+    dest = tmp_path / "m"
+    proc = run_kit(["--source", "hf", "--local-dir", str(dest), "--json"], kit_env(hub.url, tmp_path))
+
+    assert proc.returncode == 0, proc.stderr
+    heads = {p.rsplit("/", 1)[-1] for m, p, _ in hub.requests if m == "HEAD"}
+    assert heads == set(hub_repo.files)
+    shard = next(f for f in json.loads(proc.stdout)["files"] if f["path"] == SHARD1)
+    assert shard["sha256"] == hub_repo.files[SHARD1].sha256
+    assert_same_files(dest, hub_repo)
+
+
 def test_result_is_a_model_folder_the_doctor_accepts(tiny_internlm2_dir, tmp_path):
     from setup_kit.modelfolder import inspect_model_folder
 

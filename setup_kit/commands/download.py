@@ -48,5 +48,5 @@ def command(
         return
     state = "verified" if result.verified else "NOT verified"
     err.print(f"[green]done[/]: {len(result.files)} files, {result.bytes:,} bytes, {state} "
-              f"({result.verification}); {result.transferred:,} bytes transferred this run.")
+              f"({result.verification}); {result.transferred:,} bytes transferred this run.", highlight=False)
     sys.stdout.write(result.path + "\n")

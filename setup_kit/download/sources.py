@@ -205,7 +205,7 @@ def run_plan(plan: Plan, endpoint: str, record: VerifiedRecord, console: Console
             if state.status == "verified":
                 return
             if state.status == "check":
-                if hash_file(plan.local_dir / rf.path, rf).hexdigest() == rf.expected_digest or not rf.expected_digest:
+                if not rf.expected_digest or hash_file(plan.local_dir / rf.path, rf).hexdigest() == rf.expected_digest:
                     record.mark(plan.local_dir / rf.path, rf)
                     return
                 console.print(f"[yellow]{rf.path}[/] does not match the hub's {rf.digest_kind}: fetching it again")
@@ -235,8 +235,10 @@ def run_plan(plan: Plan, endpoint: str, record: VerifiedRecord, console: Console
             console.print("interrupted: what arrived is kept in partial files; "
                           "run the same command again to resume.")
             raise
-        pool.shutdown(wait=True)
-    errors = [f.exception() for f in futures if f.exception() is not None]
+        if any(f.done() and f.exception() is not None for f in done):
+            cancel.set()  # one file failed: stop the others at their next write (partials are kept)
+        pool.shutdown(wait=True, cancel_futures=True)
+    errors = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
     for exc in errors:
         if not isinstance(exc, Cancelled):
             raise exc
