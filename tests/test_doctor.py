@@ -323,3 +323,34 @@ def test_preflight_with_cuda_asked_for_on_a_machine_without_gpu(no_gpu):
     out = run_preflight("native", None, "cuda", "auto", env=no_gpu)
     assert by_id(out["report"])["gpu.memory"]["status"] == "fail"
     assert "--device cpu" in by_id(out["report"])["gpu.memory"]["fix"]
+
+
+def _processes_running(fragment: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if fragment in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def test_ctrl_c_stops_the_doctor_and_leaves_no_probe_behind(fake_torch_venv, no_gpu):
+    import signal
+
+    python = fake_torch_venv("hang")
+    process = subprocess.Popen([str(KIT), "doctor", "--python", str(python)], env=no_gpu,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    probe = f"{python} {Path(__file__).parent.parent / 'setup_kit' / 'probe' / 'torch_script.py'}"
+    deadline = time.time() + 20
+    while not _processes_running(probe) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _processes_running(probe), "the torch probe never started"
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130 and "Traceback" not in err
+    time.sleep(0.2)
+    assert _processes_running(probe) == []
