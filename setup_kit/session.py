@@ -89,9 +89,9 @@ class Session:
              cancel: threading.Event | None = None) -> TurnResult:
         """Ask the engine for a reply to `text`, passing each piece to `on_text` as it arrives.
 
-        The exchange joins the history when the reply ends, however it ends. An engine error after
-        some text arrived keeps that text; an error before anything arrived keeps nothing, so the
-        user can simply ask again.
+        The exchange joins the history when the reply ends, however it ends: a reply stopped by
+        Ctrl-C or by an engine error keeps the text that arrived. One stopped before any text
+        arrived keeps nothing, so the user can simply ask again.
         """
         dropped, params = self._make_room(text)
         messages = self.messages(text)
@@ -106,9 +106,16 @@ class Session:
                     on_text(piece)
         except KitError as exc:
             error = exc
+        except Exception as exc:
+            if "OutOfMemoryError" not in type(exc).__name__:
+                raise  # a bug: let it show
+            error = KitError(f"The device ran out of memory during the reply ({exc}).".replace(
+                "\n", " "), fix="Lower max_new_tokens (/set max_new_tokens 256), forget old turns "
+                "(/reset), or use a smaller dtype (--dtype fp16/bf16).")
         reply = "".join(pieces)
         stats = self._stats_after(error, started, len(pieces), cancel)
-        if error is None or reply:
+        stopped_before_any_text = not reply and (error is not None or stats.stop == "interrupt")
+        if not stopped_before_any_text:
             self.history.append({"role": "user", "content": text})
             self.history.append({"role": "assistant", "content": reply})
         self.last = TurnResult(text, reply, stats, dropped, error)

@@ -105,6 +105,7 @@ def test_no_server_is_a_clear_error_naming_the_address():
 
 def test_unknown_model_is_the_servers_own_message(scripted_openai_server):
     engine = OpenAIEngine(scripted_openai_server.url, model="nope")
-    result = Session(engine).send("hi")
+    session = Session(engine)
+    result = session.send("hi")
     assert "HTTP 404" in result.error.message and "not found" in result.error.message
-    assert result.reply == "" and Session(engine).history == []
+    assert result.reply == "" and session.history == []  # nothing arrived: nothing to keep

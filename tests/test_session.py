@@ -58,6 +58,15 @@ def test_an_interrupted_reply_is_kept(engine):
     assert session.history[-1] == {"role": "assistant", "content": result.reply}
 
 
+def test_a_reply_stopped_before_any_text_leaves_no_trace(engine):
+    session = Session(engine, system="Be brief.", params=greedy(50))
+    cancel = threading.Event()
+    cancel.set()
+    result = session.send("go", cancel=cancel)
+    assert (result.reply, result.stats.stop) == ("", "interrupt")
+    assert session.history == []
+
+
 def test_the_oldest_turns_are_dropped_when_the_context_is_full(engine):
     window = engine.context_window  # 256 for the tiny model
     session = Session(engine, system="Be brief.", params=greedy(60))
