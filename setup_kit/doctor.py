@@ -11,14 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from setup_kit.checks import Context, all_checks, run_checks, select_checks
+from setup_kit.checks.packages import ENGINE_PACKAGES  # noqa: F401  (re-exported for chat/serve)
 from setup_kit.report import Report
 
-# What each engine needs installed (the doctor's packages.required uses the union).
-ENGINE_PACKAGES = {
-    "native": ("torch", "transformers", "safetensors", "tokenizers", "sentencepiece", "protobuf"),
-    "remote-code": ("torch", "transformers", "sentencepiece", "einops", "protobuf", "accelerate"),
-    "openai": (),
-}
 PREFLIGHT_CHECKS = {
     "native": ("packages.required", "packages.dependencies", "gpu.memory", "gpu.bf16",
                "model.config", "model.tokenizer", "model.weights"),

@@ -15,6 +15,12 @@ from setup_kit.checks.known_issues import load_rules, match_rules
 ENV = "Python environment"
 # What the model needs, whatever the engine (the remote-code path adds einops and accelerate).
 REQUIRED = ("torch", "transformers", "sentencepiece", "einops", "protobuf", "accelerate")
+# What each engine needs installed (the preflight checks only these).
+ENGINE_PACKAGES = {
+    "native": ("torch", "transformers", "safetensors", "tokenizers", "sentencepiece", "protobuf"),
+    "remote-code": REQUIRED,
+    "openai": (),
+}
 
 
 def _version(text: str) -> Version | None:
@@ -22,6 +28,12 @@ def _version(text: str) -> Version | None:
         return Version(text)
     except InvalidVersion:
         return None
+
+
+def _same(installed: str, pinned: str) -> bool:
+    """Equal as releases: 2.13.0+cpu is the pinned 2.13.0."""
+    a, b = _version(installed), _version(pinned)
+    return a is not None and b is not None and a.public == b.public
 
 
 @check("python.version", ENV, "Python version vs the profile", needs=("env",))
@@ -51,7 +63,7 @@ def _moves_to_profile(ctx: Context, names: list[str]) -> str:
     for pin in profile.pins:
         installed = ctx.env.version(pin.name)
         missing = canonicalize_name(pin.name) in {canonicalize_name(n) for n in names}
-        differs = installed is not None and pin.group != "torch" and _version(installed) != _version(pin.version)
+        differs = installed is not None and pin.group != "torch" and not _same(installed, pin.version)
         if missing or differs:
             pins.append(pin)
     unpinned = [n for n in names if profile.pin(n) is None]
@@ -63,18 +75,14 @@ def _moves_to_profile(ctx: Context, names: list[str]) -> str:
 
 @check("packages.required", ENV, "Required packages installed", needs=("env",))
 def required_packages(ctx: Context) -> Result:
-    required = REQUIRED
-    if ctx.engine is not None:
-        from setup_kit.doctor import ENGINE_PACKAGES
-
-        required = ENGINE_PACKAGES.get(ctx.engine, REQUIRED)
+    required = ENGINE_PACKAGES.get(ctx.engine, REQUIRED) if ctx.engine else REQUIRED
     missing = [name for name in required if not ctx.env.has(name)]
     present = [f"{name} {ctx.env.version(name)}" for name in required if ctx.env.has(name)]
     if not missing:
         return ok(f"{', '.join(required) or 'nothing'} installed" +
                   (f" (what the {ctx.engine} engine needs)" if ctx.engine else ""), *present)
-    return fail(f"missing: {', '.join(missing)}", _moves_to_profile(ctx, missing),
-                *(present and [f"installed: {', '.join(present)}"]))
+    details = [f"installed: {', '.join(present)}"] if present else []
+    return fail(f"missing: {', '.join(missing)}", _moves_to_profile(ctx, missing), *details)
 
 
 @check("packages.pins", ENV, "Installed versions vs the profile's pins", needs=("env",))
@@ -84,8 +92,7 @@ def pinned_versions(ctx: Context) -> Result:
     differ, details = [], []
     for pin in ctx.profile.pins:
         installed = ctx.env.version(pin.name)
-        same = installed is not None and _version(installed) is not None and \
-            Version(installed).public == Version(pin.version).public
+        same = installed is not None and _same(installed, pin.version)
         details.append(f"{pin.name}: {installed or 'missing'} (pinned {pin.version}){'' if same else '  <- differs'}")
         if not same:
             differ.append(pin)
