@@ -71,7 +71,11 @@ class Plan:
         """The whole profile resolved at once, installing nothing."""
         if self.installer == "uv":
             return self._install("--dry-run", *self._index_args(), *self.requirements)
-        return self._install("--dry-run", "--report", report_path, *self._index_args(), *self.requirements)
+        # fast-deps reads a wheel's metadata with HTTP range requests when the index does not
+        # serve it separately (PyPI has none for torch 2.1.2: without it pip fetches 2.5 GB of
+        # CUDA wheels just to resolve); pip falls back to a full download where ranges fail.
+        return self._install("--dry-run", "--use-feature=fast-deps", "--report", report_path,
+                             *self._index_args(), *self.requirements)
 
 
 def make_plan(profile: Profile, target: Target, installer: str, torch_index_url: str | None,

@@ -12,6 +12,7 @@ from setup_kit.errors import KitError, UsageError
 
 # pip >= 22.2 has `install --dry-run --report` and `inspect`; older ones are driven by the kit's own pip.
 MIN_PIP = (22, 2)
+MIN_DRIVER_PIP = (22, 3)  # `pip --python` arrived in 22.3
 # Prints the facts install needs; stdlib only, Python >= 3.8.
 FACTS_SCRIPT = """
 import json, platform, sys
@@ -60,18 +61,20 @@ def inspect_target(python: str | None) -> Target:
         raise UsageError(f"Could not run the interpreter {exe} ({exc}).",
                          "Point --python at a working Python >= 3.8, or use --venv DIR to create one.") from None
     target = Target(exe, facts["version"], (), bool(facts.get("in_virtualenv")))
-    if _release(facts.get("pip")) >= MIN_PIP:
-        target.pip = (exe, "-m", "pip", *QUIET_PIP)
-    else:
-        # No pip there (a venv made --without-pip) or one too old for --dry-run --report:
-        # the kit's own pip drives the target through `pip --python`.
-        if _release(_own_pip()) < (22, 3):
-            raise KitError(f"{exe} has no usable pip (found {facts.get('pip') or 'none'}; need >= 22.2), "
-                           f"and the kit's own interpreter has none either.",
-                           f"Run `{exe} -m ensurepip --upgrade` (or install pip there), then try again.")
+    theirs, ours = _release(facts.get("pip")), _release(_own_pip())
+    if ours >= MIN_DRIVER_PIP and ours > theirs:
+        # The newer pip drives the target through `pip --python`: a fresh venv's bundled pip is
+        # often years old (23.2 downloads whole wheels just to read their metadata), and a venv
+        # made --without-pip has none.
         target.pip = (sys.executable, "-m", "pip", "--python", exe, *QUIET_PIP)
         have = f"pip {facts['pip']}" if facts.get("pip") else "no pip"
-        target.notes.append(f"{exe} has {have}: the kit's own pip drives it (pip --python)")
+        target.notes.append(f"{exe} has {have}: the kit's newer pip {_own_pip()} drives it (pip --python)")
+    elif theirs >= MIN_PIP:
+        target.pip = (exe, "-m", "pip", *QUIET_PIP)
+    else:
+        raise KitError(f"{exe} has no usable pip (found {facts.get('pip') or 'none'}; need >= 22.2), "
+                       f"and the kit's own interpreter has none either.",
+                       f"Run `{exe} -m ensurepip --upgrade` (or install pip there), then try again.")
     if not target.in_virtualenv and not os.access(os.path.dirname(exe), os.W_OK):
         target.notes.append(f"{exe} is a system interpreter outside any venv: pip may refuse or need --user")
     return target
