@@ -151,3 +151,33 @@ def test_reset_save_and_load_round_trip(tiny_internlm2_dir, state_dir, tmp_path)
     assert "Unknown command" in chat.say("/nonsense")
     chat.child.sendeof()  # Ctrl-D
     assert chat.close() == 0
+
+
+def test_text_appears_as_it_arrives_and_ctrl_c_works_against_a_server(
+        scripted_openai_server, state_dir, tmp_path):
+    scripted_openai_server.behaviour.delay = 0.25  # per 3-character chunk
+    exe = Path(sys.executable).with_name("internlm-kit")
+    child = pexpect.spawn(str(exe), ["chat", "--endpoint", scripted_openai_server.url],
+                          env={**os.environ, "INTERNLM_KIT_STATE_DIR": str(state_dir),
+                               "NO_COLOR": "1", "TERM": "dumb"},
+                          encoding="utf-8", timeout=30, dimensions=(40, 200))
+    child.expect_exact(PROMPT)
+    child.sendline("abcdefghijklmnopqr")  # the reply is 8 chunks, about 2 s
+    child.expect_exact("abcdefghijklmnopqr\r\n")
+    child.expect_exact("echo:")
+    first_text = time.monotonic()
+    child.expect_exact(" abcdefghijklmnopqr")
+    assert time.monotonic() - first_text > 1.0  # streamed piece by piece, not printed at the end
+    child.expect_exact(PROMPT)
+
+    child.sendline("x" * 60)  # 22 chunks, over 5 s
+    child.expect_exact("echo: x")
+    started = time.monotonic()
+    child.sendintr()
+    child.expect_exact("reply stopped")
+    child.expect_exact(PROMPT)
+    assert time.monotonic() - started < 2.0
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
