@@ -16,7 +16,7 @@ SECRET_NAME = re.compile(r"TOKEN|SECRET|KEY|PASSWORD|PASSWD|CREDENTIAL|AUTH", re
 
 
 def _secret_values() -> list[str]:
-    return sorted((v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 6),
+    return sorted((v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 8),
                   key=len, reverse=True)
 
 
