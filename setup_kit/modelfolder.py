@@ -44,6 +44,7 @@ class WeightFile:
     parameters: int = 0
     data_bytes: int = 0
     problem: str = ""  # empty when the file looks whole
+    tensor_names: frozenset = field(default=frozenset(), repr=False)
 
 
 @dataclass
@@ -210,6 +211,7 @@ def _inspect_safetensors(path: Path) -> WeightFile:
         weight.problem = f"its safetensors header cannot be read ({exc})"
         return weight
     weight.expected_size = expected
+    weight.tensor_names = frozenset(k for k in header if k != "__metadata__")
     for key, tensor in header.items():
         if key == "__metadata__":
             continue
@@ -265,6 +267,23 @@ def _read_weights(folder: ModelFolder) -> None:
             code = "shard-truncated" if weight.problem.startswith("truncated") else "shard-damaged"
             folder.problems.append(Problem(
                 code, f"the weight shard {name} is {weight.problem}.", _redownload(folder, name)))
+    _check_index_against_headers(folder)
+
+
+def _check_index_against_headers(folder: ModelFolder) -> None:
+    """Every tensor the index places in a shard is in that shard's header (a shard from another
+    revision of the model is whole, but not this model's)."""
+    if not folder.index:
+        return
+    headers = {w.name: w.tensor_names for w in folder.weight_files if w.tensor_names}
+    absent = sorted(t for t, shard in folder.index.get("weight_map", {}).items()
+                    if shard in headers and t not in headers[shard])
+    if absent:
+        shard = folder.index["weight_map"][absent[0]]
+        folder.problems.append(Problem(
+            "index-mismatch", f"the index places {len(absent)} tensor(s) in {shard} that it does not hold "
+            f"(first: {absent[0]}); the shards and the index come from different revisions.",
+            _redownload(folder, "the model")))
 
 
 _MODULE_FILE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\.[A-Za-z_][A-Za-z0-9_]*$")

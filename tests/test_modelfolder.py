@@ -107,3 +107,13 @@ def test_a_single_file_model_without_index(tmp_path):
     folder = open_model_folder(path)
     assert [w.name for w in folder.weight_files] == ["model.safetensors"]
     assert json.loads((path / "config.json").read_text())["model_type"] == "internlm2"
+
+
+def test_a_shard_from_another_revision_does_not_match_the_index(tmp_path):
+    path = make_model_folder(tmp_path / "m")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.0.attention.wo.weight"] = "model-00001-of-00002.safetensors"
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    folder = inspect_model_folder(path)
+    assert codes(folder) == ["index-mismatch"]
+    assert "model.layers.0.attention.wo.weight" in folder.problems[0].message

@@ -53,7 +53,7 @@ def weights(ctx: Context) -> Result:
                 f"headers match file sizes")
         details = [f"{w.name}: {w.size:,} bytes" + (f" ({w.problem})" if w.problem else "") for w in folder.weight_files]
     return _from_problems(ctx, ("weights-missing", "index-unreadable", "shard-missing", "shard-truncated",
-                                "shard-damaged"), good, *details)
+                                "shard-damaged", "index-mismatch"), good, *details)
 
 
 @check("model.remote-code", MODEL, "Remote-code files present when auto_map names them", needs=("model",))
