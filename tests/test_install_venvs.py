@@ -149,3 +149,44 @@ def test_dry_run_resolves_the_other_profiles_for_this_machines_python(fresh_311,
     if index_problem(profile.torch_index_url):
         # download.pytorch.org cannot be reached from some machines: said, and PyPI used instead.
         assert any("cannot be reached" in note for note in outcome["notes"])
+
+
+def test_installer_uv_is_used_when_present_and_rollback_still_restores(tmp_path, venv_with):
+    from setup_kit.install.plan import find_uv
+
+    if find_uv() is None:
+        pytest.skip("uv is not installed (it comes with the test extra)")
+    python = venv_with("idna==3.6")
+    before = freeze(python)
+    profile = write_profile(tmp_path, "with-uv", {"six": "1.16.0", "idna": "3.7"})
+    result = kit("--profile", str(profile), "--python", str(python), "--installer", "uv", "--yes", "--json",
+                 state=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    outcome = json.loads(result.stdout)
+    assert all(" pip install --python " in c and "/uv " in c.split(" pip ")[0] + " " for c in outcome["commands"])
+    changes = {c["name"]: (c["kind"], c["new"]) for c in outcome["resolution"]["changes"]}
+    assert changes == {"six": ("install", "1.16.0"), "idna": ("upgrade", "3.7")}
+    assert "six==1.16.0" in freeze(python).decode()
+    assert kit("--rollback", "--python", str(python), "--yes", state=tmp_path).returncode == 0
+    assert freeze(python) == before
+
+
+def test_at_a_terminal_it_asks_first_and_no_means_nothing_changes(tmp_path, venv_with):
+    import os
+
+    import pexpect
+
+    python = venv_with("idna==3.6")
+    before = freeze(python)
+    profile = write_profile(tmp_path, "asked", {"idna": "3.7"})
+    env = dict(os.environ, INTERNLM_KIT_STATE_DIR=str(tmp_path), COLUMNS="200")
+    child = pexpect.spawn(sys.executable, ["-m", "setup_kit", "install", "--profile", str(profile),
+                                           "--python", str(python)], env=env, encoding="utf-8", timeout=180)
+    child.expect(r"↑ idna 3\.6 -> 3\.7")
+    child.expect(r"Install profile asked into .*\? \[y/N\]")
+    child.sendline("n")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1
+    assert "nothing was changed" in child.before
+    assert freeze(python) == before and snapshots(tmp_path) == []

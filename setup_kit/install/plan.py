@@ -22,6 +22,15 @@ from setup_kit.profiles import Profile
 INDEX_TIMEOUT = 5.0
 
 
+def find_uv() -> str | None:
+    """uv on PATH, or installed beside the kit's own interpreter (`pip install uv` in its venv)."""
+    import sys
+    from pathlib import Path
+
+    beside = Path(sys.executable).parent / "uv"
+    return shutil.which("uv") or (str(beside) if beside.exists() else None)
+
+
 @lru_cache(maxsize=16)
 def index_problem(url: str, timeout: float = INDEX_TIMEOUT) -> str | None:
     """None when the index answers HTTP at all; else why it cannot be reached."""
@@ -55,7 +64,7 @@ class Plan:
 
     def _install(self, *args: str) -> list[str]:
         if self.installer == "uv":
-            return [shutil.which("uv") or "uv", "pip", "install", "--python", self.target.python, *args]
+            return [find_uv() or "uv", "pip", "install", "--python", self.target.python, *args]
         return self.target.pip_command("install", *args)
 
     def commands(self) -> list[list[str]]:
@@ -81,7 +90,7 @@ class Plan:
 def make_plan(profile: Profile, target: Target, installer: str, torch_index_url: str | None,
               dry_run: bool) -> Plan:
     plan = Plan(profile, target, installer)
-    if installer == "uv" and shutil.which("uv") is None:
+    if installer == "uv" and find_uv() is None:
         plan.installer = "pip"
         plan.notes.append("--installer uv was asked for, but uv is not on PATH: using pip")
     url = torch_index_url if torch_index_url is not None else profile.torch_index_url

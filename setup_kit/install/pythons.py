@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import os
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -32,7 +31,9 @@ def _candidates() -> list[tuple[str, str]]:
             found += [(os.path.join(directory, n), "PATH") for n in sorted(os.listdir(directory)) if NAME.match(n)]
     pyenv = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
     found += [(p, "pyenv") for p in sorted(glob.glob(os.path.join(pyenv, "versions", "*", "bin", "python3")))]
-    if uv := shutil.which("uv"):
+    from setup_kit.install.plan import find_uv
+
+    if uv := find_uv():
         try:
             listing = subprocess.run([uv, "python", "list", "--only-installed"], capture_output=True,
                                      text=True, timeout=20).stdout
@@ -76,7 +77,7 @@ def pick_python(spec: str, found: list[FoundPython] | None = None) -> FoundPytho
     if not accepted:
         have = ", ".join(sorted({p.version for p in found})) or "none"
         raise KitError(f"No Python {spec} was found to create the venv with (found: {have}; looked on PATH, "
-                       f"in pyenv's versions{', and uv' if shutil.which('uv') else ''}).",
+                       f"in pyenv's versions, and uv's when uv is present).",
                        f"Install a Python {spec} (e.g. `uv python install 3.11`, `pyenv install 3.11`, or "
                        f"`apt install python3.11-venv`), then run this again.", exit_code=2)
     running = next((p for p in accepted if p.source == "running"), None)
@@ -85,7 +86,9 @@ def pick_python(spec: str, found: list[FoundPython] | None = None) -> FoundPytho
 
 def create_venv(directory: Path, python: FoundPython, installer: str) -> str:
     """Create the venv (with pip, so the user can use it directly); returns its interpreter."""
-    uv = shutil.which("uv") if installer == "uv" else None
+    from setup_kit.install.plan import find_uv
+
+    uv = find_uv() if installer == "uv" else None
     argv = ([uv, "venv", "--seed", "--python", python.path, str(directory)] if uv
             else [python.path, "-m", "venv", str(directory)])
     try:

@@ -172,6 +172,9 @@ def unresolvable(plan: Plan, argv: list[str], output: str) -> KitError:
     """pip's own explanation (its ERROR lines and the conflict it names), as a kit error."""
     lines = output.splitlines()
     keep = [line for line in lines if line.startswith(("ERROR", "error:"))]
+    if keep and keep[0].startswith("error:"):  # uv: the error, then its indented explanation
+        start = lines.index(keep[0])
+        keep = lines[start:start + 10]
     if "The conflict is caused by:" in output:
         start = lines.index(next(l for l in lines if "The conflict is caused by:" in l))
         keep = lines[start:start + 8] + [k for k in keep if k not in lines[start:start + 8]]
