@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.hub import HubRepo
 from test_download import assert_clear_failure, assert_same_files, kit_env, run_kit
 
 SHARD1 = "model-00001-of-00002.safetensors"
