@@ -354,3 +354,12 @@ def test_ctrl_c_stops_the_doctor_and_leaves_no_probe_behind(fake_torch_venv, no_
     assert process.returncode == 130 and "Traceback" not in err
     time.sleep(0.2)
     assert _processes_running(probe) == []
+
+
+def test_a_python_no_profile_supports_is_a_warning_with_the_versions_that_work(no_gpu):
+    report, result = doctor_json("--python", "/root/.pyenv/versions/3.8.18/bin/python", "--only", "python",
+                                 env=no_gpu) if Path("/root/.pyenv/versions/3.8.18/bin/python").exists() \
+        else pytest.skip("needs a Python 3.8 interpreter")
+    check = by_id(report)["python.version"]
+    assert check["status"] == "warn" and "no profile in envs/ supports this Python" in check["summary"]
+    assert "Python 3.10 or 3.11" in check["fix"]

@@ -41,7 +41,18 @@ def python_version(ctx: Context) -> Result:
     version = ctx.env.python_version
     where = f"Python {version} at {ctx.env.executable}"
     if ctx.profile is None:
-        return ok(where, "No profile chosen, so no Python range to compare against.")
+        from setup_kit.profiles import available_profiles
+
+        profiles = list(available_profiles().values())
+        fits = [p.name for p in profiles if SpecifierSet(p.python).contains(version, prereleases=True)]
+        if fits:
+            return ok(where, f"No profile chosen; profiles for this Python: {', '.join(fits)}.")
+        everywhere = [f"3.{minor}" for minor in range(8, 16)
+                      if all(SpecifierSet(p.python).contains(f"3.{minor}.0") for p in profiles)]
+        use = everywhere[-1] if everywhere else "3.11"
+        return warn(f"{where}: no profile in envs/ supports this Python",
+                    f"Use Python {' or '.join(everywhere) or use} (every profile supports it), e.g. "
+                    f"`uv venv --python {use} ~/envs/internlm`")
     spec = SpecifierSet(ctx.profile.python)
     if spec.contains(version, prereleases=True):
         return ok(f"{where} (profile {ctx.profile.name} wants {spec})")
