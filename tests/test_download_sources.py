@@ -163,3 +163,28 @@ def test_auto_uses_modelscope_when_the_hub_is_down_and_checks_what_it_got(hub_mo
     assert json.loads(calls.read_text()) == {"model_id": "Shanghai_AI_Laboratory/internlm2-chat-1_8b",
                                              "revision": None, "local_dir": str(dest)}
     assert_same_files(dest, hub_repo)
+
+
+def test_local_source_with_include_copies_only_the_selection(share_root, tmp_path):
+    dest = tmp_path / "m"
+    proc = run_kit(["--source", "local", "--include", "*.json", "--include", SHARD1, "--local-dir", str(dest)],
+                   kit_env(NO_HUB, tmp_path, INTERNLM_KIT_SHARE_ROOTS=str(share_root)))
+
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name for p in dest.iterdir() if p.is_file()} == {
+        "config.json", "generation_config.json", "model.safetensors.index.json", "special_tokens_map.json",
+        "tokenizer_config.json", SHARD1}
+
+
+def test_auto_on_a_verified_folder_does_not_copy_again(hub, share_root, hub_repo, tmp_path):
+    dest = tmp_path / "m"
+    env = kit_env(hub.url, tmp_path, INTERNLM_KIT_SHARE_ROOTS=str(share_root))
+    assert run_kit(["--source", "hf", "--local-dir", str(dest)], env).returncode == 0
+    inode = (dest / SHARD1).stat().st_ino
+    hub.reset_counters()
+
+    proc = run_kit(["--local-dir", str(dest)], env)
+
+    assert proc.returncode == 0, proc.stderr
+    assert "already holds a verified download" in proc.stderr
+    assert (dest / SHARD1).stat().st_ino == inode and sum(hub.served.values()) == 0

@@ -8,7 +8,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from setup_kit.errors import KitError
+from setup_kit.errors import KitError, UsageError
 
 # Room kept free beyond the files themselves (filesystems misbehave when completely full).
 SPACE_MARGIN = 64 * 1024 * 1024
@@ -47,7 +47,7 @@ class Manifest:
             return self
         kept = [f for f in self.files if any(fnmatch.fnmatch(f.path, pat) for pat in include)]
         if not kept:
-            raise KitError(
+            raise UsageError(
                 f"--include {' '.join(include)} matches none of the {len(self.files)} files in "
                 f"{self.repo}: {', '.join(f.path for f in self.files[:8])}{' ...' if len(self.files) > 8 else ''}.",
                 "use a glob that matches file names in the repo, e.g. --include '*.json', or drop --include.")

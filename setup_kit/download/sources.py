@@ -112,24 +112,27 @@ def download(req: DownloadRequest, console: Console | None = None) -> DownloadRe
 
 def auto(req: DownloadRequest, console: Console) -> DownloadResult:
     src = req.from_dir or local.find_shared_copy(req.repo, modelscope.modelscope_name(req.repo))
-    if src is not None and _verified_here(req):
-        console.print(f"{req.local_dir} already holds a verified download; not copying from {src}")
+    endpoint = hub.resolve_endpoint(req.endpoint)
+    if _verified_here(req):
+        console.print(f"{req.local_dir} already holds a verified download; asking {endpoint} whether it changed")
         src = None
-    if src is not None and not req.dry_run:
+    elif src is not None and req.dry_run:
+        console.print(f"dry run: a local copy is at {src} (a real run places it first); listing the hub's files")
+        src = None
+    elif src is None:
+        console.print(f"no local copy of {req.repo} on this machine; using the hub ({endpoint})")
+    if src is not None:
         console.print(f"[bold]1/2[/] local copy found at {src}: placing it in {req.local_dir}")
         copied = from_local(req, Path(src), console)
         if hub.offline_mode():
             console.print("HF_HUB_OFFLINE is set: the copy was checked on its own (sizes, safetensors headers, index).")
             return copied
-        console.print(f"[bold]2/2[/] checking every file against {hub.resolve_endpoint(req.endpoint)}")
+        console.print(f"[bold]2/2[/] checking every file against {endpoint}")
         try:
             return from_hub(req, console)
         except hub.HubUnreachable as exc:
             console.print(f"the hub is not reachable ({exc.message}); keeping the local copy, checked on its own.")
             return copied
-    if src is None:
-        console.print(f"no local copy of {req.repo} on this machine; using the hub "
-                      f"({hub.resolve_endpoint(req.endpoint)})")
     try:
         return from_hub(req, console)
     except hub.HubUnreachable as exc:
@@ -313,7 +316,11 @@ def from_local(req: DownloadRequest, src: Path, console: Console) -> DownloadRes
         if hows:
             kinds = sorted(set(hows.values()))
             console.print(f"{len(hows)} file(s) {' and '.join(kinds)} from {src}")
-    problems = local.structure_problems(req.local_dir)
+    if req.include:  # a selection: the index may name shards that were left out on purpose
+        problems = [f"{rf.path}: {problem}" for rf in files if rf.path.endswith(".safetensors")
+                    and (problem := local.safetensors_problem(req.local_dir / rf.path))]
+    else:
+        problems = local.structure_problems(req.local_dir)
     mismatched = [f.path for f in files if (req.local_dir / f.path).stat().st_size != f.size]
     if problems or mismatched:
         raise KitError(f"the copy in {req.local_dir} does not check out: {'; '.join((problems + mismatched)[:4])}.",
