@@ -197,7 +197,13 @@ def run_install(plan, before, outcome: InstallOutcome, console, options: Install
     log = log_path(f"install-{plan.profile.name}")
     outcome.log = str(log)
     outcome.changed = True
-    results = run_steps(plan.commands(), console, options.verbose, log, "Installing")
+    try:
+        results = run_steps(plan.commands(), console, options.verbose, log, "Installing")
+    except KeyboardInterrupt:
+        raise KitError(f"Interrupted while installing profile {plan.profile.name}: the environment may be "
+                       f"partly changed. Log: {log}",
+                       f"Undo it with `{rollback_command(target, snapshot.id)}`, or run the install again.",
+                       exit_code=130) from None
     failed = next((r for r in results if r.code != 0), None)
     if failed is not None:
         raise KitError(f"The install of profile {plan.profile.name} failed at `{show_command(failed.argv)}` "

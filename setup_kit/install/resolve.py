@@ -135,7 +135,7 @@ def resolve(plan: Plan, before: Environment, on_line=None) -> Resolution:
     with tempfile.TemporaryDirectory(prefix="internlm-kit-resolve-") as tmp:
         report_path = os.path.join(tmp, "report.json")
         argv = plan.resolve_command(report_path)
-        output, code = run_captured(argv, on_line)
+        output, code = run_captured(argv, on_line, RESOLVE_TIMEOUT)
         if code != 0:
             raise unresolvable(plan, argv, output)
         if plan.installer == "uv":
@@ -147,8 +147,11 @@ def resolve(plan: Plan, before: Environment, on_line=None) -> Resolution:
     return Resolution(changes, conflicts, time.perf_counter() - started, output)
 
 
-def run_captured(argv: list[str], on_line=None, timeout: float = RESOLVE_TIMEOUT) -> tuple[str, int]:
-    """Run a command, handing each output line to `on_line` as it comes; (all output, exit code)."""
+def run_captured(argv: list[str], on_line=None, timeout: float | None = None) -> tuple[str, int]:
+    """Run a command, handing each output line to `on_line` as it comes; (all output, exit code).
+    A command still running after `timeout` seconds is killed (a watchdog, so silence counts too)."""
+    import threading
+
     lines = []
     env = dict(os.environ, PYTHONIOENCODING="utf-8", PYTHONUNBUFFERED="1")
     try:
@@ -157,15 +160,27 @@ def run_captured(argv: list[str], on_line=None, timeout: float = RESOLVE_TIMEOUT
     except OSError as exc:
         raise KitError(f"Could not run `{show_command(argv)}`: {exc}.",
                        "Check the interpreter and installer exist and are executable.") from None
-    deadline = time.monotonic() + timeout
-    for line in process.stdout:
-        lines.append(line.rstrip("\n"))
-        if on_line is not None:
-            on_line(lines[-1])
-        if time.monotonic() > deadline:
-            process.kill()
-            break
-    return "\n".join(lines), process.wait()
+    fired = []
+    watchdog = threading.Timer(timeout, lambda: (fired.append(True), process.kill())) if timeout else None
+    if watchdog:
+        watchdog.daemon = True
+        watchdog.start()
+    try:
+        for line in process.stdout:
+            lines.append(line.rstrip("\n"))
+            if on_line is not None:
+                on_line(lines[-1])
+        code = process.wait()
+    except BaseException:  # Ctrl-C: pip got the signal too; do not leave it running
+        process.kill()
+        process.wait()
+        raise
+    finally:
+        if watchdog:
+            watchdog.cancel()
+    if fired:
+        lines.append(f"ERROR: stopped after {timeout:.0f}s without finishing")
+    return "\n".join(lines), code
 
 
 def unresolvable(plan: Plan, argv: list[str], output: str) -> KitError:
