@@ -178,7 +178,12 @@ def test_text_appears_as_it_arrives_and_ctrl_c_works_against_a_server(
     child.expect_exact("reply stopped")
     child.expect_exact(PROMPT)
     assert time.monotonic() - started < 2.0
-    child.sendline("/exit")
+
+    child.send("half typed")  # Ctrl-C on a half-typed line throws the line away, nothing more
+    time.sleep(0.3)
+    child.sendintr()
+    child.expect_exact(PROMPT)
+    child.sendline("exit")
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
