@@ -18,8 +18,8 @@ from rich.progress import (
 class DownloadProgress:
     """A total bar plus one line per file in flight. Thread-safe; silent when ``enabled`` is False."""
 
-    def __init__(self, console: Console, total: int, enabled: bool = True):
-        self.enabled = enabled and total > 0
+    def __init__(self, console: Console, total: int, enabled: bool = True, to_check: int = 0):
+        self.enabled = enabled and (total > 0 or to_check > 0)
         self._lock = threading.Lock()
         self._progress = Progress(
             TextColumn("{task.description}", style="bold"),
@@ -32,7 +32,8 @@ class DownloadProgress:
             disable=not self.enabled,
             refresh_per_second=5,
         )
-        self._total = self._progress.add_task("download", total=total)
+        self._total = self._progress.add_task("download", total=total, visible=total > 0)
+        self._check = self._progress.add_task("verify files already here", total=to_check, visible=to_check > 0)
 
     def __enter__(self):
         self._progress.__enter__()
@@ -52,8 +53,11 @@ class DownloadProgress:
         advance.finish = lambda: self._progress.remove_task(task)  # type: ignore[attr-defined]
         return advance
 
+    def checked(self, n: int) -> None:
+        """Bytes of files already on disk hashed against the hub's metadata."""
+        self._progress.advance(self._check, n)
+
     def add_total(self, n: int) -> None:
         """A file on disk failed its check and has to travel after all."""
-        task = self._progress.tasks[0] if self._progress.tasks else None
-        if task is not None:
-            self._progress.update(self._total, total=(task.total or 0) + n)
+        task = next(t for t in self._progress.tasks if t.id == self._total)
+        self._progress.update(self._total, total=(task.total or 0) + n, visible=True)

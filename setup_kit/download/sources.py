@@ -200,7 +200,9 @@ def run_plan(plan: Plan, endpoint: str, record: VerifiedRecord, console: Console
     cancel = threading.Event()
     transferred = 0
     lock = threading.Lock()
-    with DownloadProgress(console, plan.bytes_to_fetch, enabled=show) as progress, hub.network_sized_chunks():
+    to_check = sum(s.file.size for s in plan.states if s.status == "check")
+    with DownloadProgress(console, plan.bytes_to_fetch, enabled=show, to_check=to_check) as progress, \
+            hub.network_sized_chunks():
 
         def work(state: FileState) -> None:
             nonlocal transferred
@@ -208,7 +210,8 @@ def run_plan(plan: Plan, endpoint: str, record: VerifiedRecord, console: Console
             if state.status == "verified":
                 return
             if state.status == "check":
-                if not rf.expected_digest or hash_file(plan.local_dir / rf.path, rf).hexdigest() == rf.expected_digest:
+                digest = hash_file(plan.local_dir / rf.path, rf, on_bytes=progress.checked).hexdigest()
+                if not rf.expected_digest or digest == rf.expected_digest:
                     record.mark(plan.local_dir / rf.path, rf)
                     return
                 console.print(f"[yellow]{rf.path}[/] does not match the hub's {rf.digest_kind}: fetching it again")
