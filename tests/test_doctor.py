@@ -367,3 +367,24 @@ def test_a_python_no_profile_supports_is_a_warning_with_the_versions_that_work(n
     assert check["status"] == "warn" and "no profile in envs/ supports this Python" in check["summary"]
     assert "Python 3.10 or 3.11" in check["fix"]
     assert result.returncode == 0  # a warning is not a failure
+
+
+def test_without_nvml_or_nvidia_smi_the_gpu_comes_from_libcuda(fake_libcuda_dir, no_gpu):
+    env = dict(no_gpu, LD_LIBRARY_PATH=str(fake_libcuda_dir))
+    report, result = doctor_json("--only", "gpu,torch.cuda-vs-gpu", env=env)
+    assert_contract(report, result)
+    assert report["target"]["gpu"] == "NVIDIA A100-SXM4-80GB"
+    checks = by_id(report)
+    assert checks["gpu.bf16"]["status"] == "ok" and "(8.0)" in checks["gpu.bf16"]["summary"]
+    assert checks["gpu.memory"]["status"] == "ok"
+    assert checks["torch.cuda-vs-gpu"]["status"] == "fail"  # the real CPU torch on a machine with a GPU
+
+
+def test_with_only_libcuda_torch_cuda_is_compared_with_the_drivers_cuda(fake_libcuda_dir, fake_torch_venv, no_gpu):
+    python = fake_torch_venv("cuda-driver-too-old")  # built for CUDA 12.4; the fake driver supports 12.2
+    env = dict(no_gpu, LD_LIBRARY_PATH=str(fake_libcuda_dir))
+    report, result = doctor_json("--python", str(python), "--only", "torch.cuda-vs-driver", env=env)
+    assert_contract(report, result)
+    check = by_id(report)["torch.cuda-vs-driver"]
+    assert check["status"] == "warn" and "CUDA 12.4 is newer than the driver's 12.2" in check["summary"]
+    assert ">= 550.54.14" in check["fix"]

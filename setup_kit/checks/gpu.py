@@ -159,8 +159,10 @@ def torch_vs_driver(ctx: Context) -> Result:
     facts, gpu = ctx.torch, ctx.gpu
     if facts.status != "ok" or not facts.cuda:
         return skip("no CUDA build of torch to compare (see torch.import)")
-    if not gpu.gpus or not gpu.driver_version:
+    if not gpu.gpus or not (gpu.driver_version or gpu.cuda_driver_version):
         return skip("no NVIDIA driver found")
+    if not gpu.driver_version:  # libcuda tells the CUDA version the driver supports, not the driver's
+        return _cuda_vs_driver_cuda(ctx)
     needed = min_driver(facts.cuda)
     if needed is None:
         return skip(f"no driver table entry for CUDA {facts.cuda}")
@@ -175,6 +177,19 @@ def torch_vs_driver(ctx: Context) -> Result:
                     "it runs under CUDA minor-version compatibility (no PTX JIT of newer kernels)", fix, detail)
     return fail(f"driver {gpu.driver_version} is too old for torch's CUDA {facts.cuda} (needs >= {needed})",
                 fix, detail)
+
+
+def _cuda_vs_driver_cuda(ctx: Context) -> Result:
+    built, supported = ctx.torch.cuda, ctx.gpu.cuda_driver_version
+    detail = f"the driver supports CUDA up to {supported} (from {ctx.gpu.source}); torch was built for CUDA {built}"
+    if _v(built) <= _v(supported):
+        return ok(f"the driver supports CUDA {supported}, torch needs {built}", detail)
+    fix = f"Update the NVIDIA driver to >= {min_driver(built) or 'one for CUDA ' + built}, or: " + \
+        torch_fix_for_driver(ctx, "")
+    if built.split(".")[0] == supported.split(".")[0]:
+        return warn(f"torch's CUDA {built} is newer than the driver's {supported}: only CUDA minor-version "
+                    "compatibility makes it run", fix, detail)
+    return fail(f"torch's CUDA {built} is newer than the driver supports ({supported})", fix, detail)
 
 
 def resolved_dtype(ctx: Context, gpus) -> str:
