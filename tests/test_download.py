@@ -299,6 +299,27 @@ def test_a_file_changed_after_verification_is_checked_again(hub, hub_repo, tmp_p
     assert_same_files(dest, hub_repo)
 
 
+def test_recheck_finds_damage_that_left_size_mtime_and_inode_alone(hub, hub_repo, tmp_path):
+    dest = tmp_path / "m"
+    env = kit_env(hub.url, tmp_path)
+    assert run_kit(["--source", "hf", "--local-dir", str(dest)], env).returncode == 0
+    shard = dest / SHARD2
+    st = shard.stat()
+    with open(shard, "r+b") as f:  # bit rot: same inode, same size, mtime put back
+        f.seek(1000)
+        f.write(b"\0" * 16)
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    hub.reset_counters()
+
+    trusting = run_kit(["--source", "hf", "--local-dir", str(dest)], env)
+    rechecked = run_kit(["--source", "hf", "--local-dir", str(dest), "--recheck"], env)
+
+    assert trusting.returncode == 0 and rechecked.returncode == 0, rechecked.stderr
+    assert f"{SHARD2} does not match" in rechecked.stderr
+    assert dict(hub.served) == {SHARD2: hub_repo.files[SHARD2].size}
+    assert_same_files(dest, hub_repo)
+
+
 def test_a_server_sending_wrong_bytes_is_refused_after_one_refetch(hub_model_folder, tmp_path):
     served = tmp_path / "served"
     served.mkdir()

@@ -22,6 +22,8 @@ def command(
                                                 "(repeatable), e.g. --include '*.json'."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the files, sizes and what would be fetched; "
                                  "change nothing."),
+    recheck: bool = typer.Option(False, "--recheck", help="Hash every file again, even those verified by an "
+                                 "earlier run (they are otherwise trusted while size, mtime and inode are unchanged)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (repo, revision, path, files, "
                                  "bytes, verified) instead of the path."),
 ) -> None:
@@ -36,7 +38,7 @@ def command(
     err = Console(stderr=True, soft_wrap=True)
     result = download(DownloadRequest(repo=repo, local_dir=local_dir, source=source, endpoint=endpoint,
                                       revision=revision, from_dir=from_dir, include=include or None,
-                                      dry_run=dry_run, progress=not as_json), console=err)
+                                      dry_run=dry_run, progress=not as_json, recheck=recheck), console=err)
     if as_json:
         print(json.dumps(result.to_json(), indent=2))
         return

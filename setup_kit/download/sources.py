@@ -40,6 +40,7 @@ class DownloadRequest:
     include: list[str] | None = None
     dry_run: bool = False
     progress: bool = True
+    recheck: bool = False  # hash every file again, ignoring the record of files verified earlier
 
 
 @dataclass
@@ -113,7 +114,7 @@ def download(req: DownloadRequest, console: Console | None = None) -> DownloadRe
 def auto(req: DownloadRequest, console: Console) -> DownloadResult:
     src = req.from_dir or local.find_shared_copy(req.repo, modelscope.modelscope_name(req.repo))
     endpoint = hub.resolve_endpoint(req.endpoint)
-    if _verified_here(req):
+    if not req.recheck and _verified_here(req):
         console.print(f"{req.local_dir} already holds a verified download; asking {endpoint} whether it changed")
         src = None
     elif src is not None and req.dry_run:
@@ -162,7 +163,7 @@ def from_hub(req: DownloadRequest, console: Console) -> DownloadResult:
     if hub.offline_mode():
         return _offline_check(req, revision, console)
     manifest = hub.fetch_manifest(req.repo, revision, endpoint).select(req.include)
-    record = VerifiedRecord(req.local_dir)
+    record = VerifiedRecord(req.local_dir, trust=not req.recheck)
     plan = inspect_folder(manifest, req.local_dir, record)
     _say_plan(plan, console)
     if req.dry_run:
