@@ -388,3 +388,13 @@ def test_with_only_libcuda_torch_cuda_is_compared_with_the_drivers_cuda(fake_lib
     check = by_id(report)["torch.cuda-vs-driver"]
     assert check["status"] == "warn" and "CUDA 12.4 is newer than the driver's 12.2" in check["summary"]
     assert ">= 550.54.14" in check["fix"]
+
+
+def test_nvml_is_the_first_source_and_a_broken_one_falls_back_to_nvidia_smi(fake_pynvml, fake_gpu):
+    env = fake_gpu("t4")
+    report, _ = doctor_json("--only", "gpu", env=dict(env, PYTHONPATH=str(fake_pynvml("h100x2-550"))))
+    assert report["target"]["gpu"] == "NVIDIA H100 80GB HBM3, NVIDIA H100 80GB HBM3 (driver 550.54.15, CUDA 12.4)"
+    memory = by_id(report)["gpu.memory"]
+    assert memory["status"] == "ok" and memory["summary"].startswith("GPU 0 (NVIDIA H100 80GB HBM3) has 79.2 GiB free")
+    report, _ = doctor_json("--only", "gpu", env=dict(env, PYTHONPATH=str(fake_pynvml("no-driver"))))
+    assert report["target"]["gpu"] == "Tesla T4 (driver 535.104.05, CUDA 12.2)"
