@@ -87,7 +87,15 @@ def torch_fix_for_driver(ctx: Context, driver: str) -> str:
             return command + f"   (torch {profile.pin('torch').version} for CUDA {profile.cuda}, needs driver >= {need})"
     if found:
         return f"{torch_reinstall(ctx, found[0])}   (runs under CUDA minor-version compatibility)"
-    return "Update the NVIDIA driver (e.g. sudo apt install nvidia-driver-550), then install a CUDA build of torch"
+    update = "Update the NVIDIA driver (e.g. sudo apt install nvidia-driver-550)"
+    for minor in sorted(cuda_tables()["torch_builds"], key=_v, reverse=True):  # an older torch this driver runs
+        older = torch_variant_for_driver(f"{minor}.0", driver) if driver else None
+        if older:
+            how = "" if older[1] else " under CUDA minor-version compatibility"
+            return (f"{update}, or install torch {minor}, whose CUDA {older[0]} build this driver runs{how}: "
+                    + pip_install(ctx.python, [f"torch=={minor}.*"], "--index-url",
+                                  TORCH_INDEX.format(older[0].replace(".", ""))))
+    return f"{update}, then install a CUDA build of torch"
 
 
 def torch_reinstall(ctx: Context, cuda: str) -> str:
