@@ -398,3 +398,11 @@ def test_nvml_is_the_first_source_and_a_broken_one_falls_back_to_nvidia_smi(fake
     assert memory["status"] == "ok" and memory["summary"].startswith("GPU 0 (NVIDIA H100 80GB HBM3) has 79.2 GiB free")
     report, _ = doctor_json("--only", "gpu", env=dict(env, PYTHONPATH=str(fake_pynvml("no-driver"))))
     assert report["target"]["gpu"] == "Tesla T4 (driver 535.104.05, CUDA 12.2)"
+
+
+def test_an_r470_driver_with_the_cpu_torch_is_told_which_older_torch_it_runs(fake_gpu):
+    report, result = doctor_json("--only", "torch.cuda-vs-gpu", env=fake_gpu("v100-470"))
+    check = by_id(report)["torch.cuda-vs-gpu"]
+    assert check["status"] == "fail" and "Tesla V100-SXM2-16GB" in check["summary"]
+    assert '-m pip install "torch==2.7.*" --index-url https://download.pytorch.org/whl/cu118' in check["fix"]
+    assert "Update the NVIDIA driver" in check["fix"]
