@@ -63,7 +63,7 @@ def confirm(options: InstallOptions, question: str) -> None:
         raise KitError("Cancelled: nothing was changed.", None)
 
 
-def pick_profile(options: InstallOptions, console):
+def pick_profile(options: InstallOptions):
     from setup_kit.profiles import available_profiles, load_profile
 
     if options.profile:
@@ -105,7 +105,7 @@ def open_target(options: InstallOptions, profile, console, scratch: list[Path]) 
                 # A dry run changes nothing: resolve in a throwaway venv made with the same Python.
                 directory = Path(tempfile.mkdtemp(prefix="internlm-kit-dry-run-")) / "venv"
                 scratch.append(directory.parent)
-            else:
+            elif not directory.exists():
                 scratch.append(directory)  # removed again if the install never starts
             console.print(f"Creating a venv at {escape(str(directory))} with Python {chosen.version} "
                           f"({escape(chosen.path)}, from {chosen.source})", highlight=False)
@@ -139,28 +139,28 @@ def print_resolution(console, resolution, before_count: int) -> None:
 
 
 def install(options: InstallOptions, console) -> InstallOutcome:
-    scratch: list[Path] = []
-    started = False
+    scratch: list[Path] = []  # a venv this run created, removed again unless the install started
+    outcomes: list[InstallOutcome] = []
     try:
-        outcome = _install(options, console, scratch)
-        started = outcome.changed
-        return outcome
+        return _install(options, console, scratch, outcomes)
     finally:
+        started = bool(outcomes and outcomes[0].changed)
         for path in scratch:
             if not started or "internlm-kit-dry-run-" in str(path):
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def _install(options: InstallOptions, console, scratch: list[Path]) -> InstallOutcome:
+def _install(options: InstallOptions, console, scratch: list[Path], outcomes: list) -> InstallOutcome:
     from setup_kit.install.resolve import resolve
     from setup_kit.install.snapshot import list_installed
 
     require_consent(options)
-    profile, reason = pick_profile(options, console)
+    profile, reason = pick_profile(options)
     console.print(f"Profile: [bold]{escape(profile.name)}[/] ({escape(reason)})", highlight=False)
     target = open_target(options, profile, console, scratch)
     outcome = InstallOutcome("dry-run" if options.dry_run else "install", profile.name, reason, target.python,
                              target.version)
+    outcomes.append(outcome)
     before = list_installed(target)
     plan = make_plan(profile, target, options.installer, options.torch_index_url, options.dry_run)
     outcome.notes = target.notes + plan.notes
