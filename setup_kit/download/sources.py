@@ -162,7 +162,8 @@ def from_hub(req: DownloadRequest, console: Console) -> DownloadResult:
     revision = req.revision or "main"
     if hub.offline_mode():
         return _offline_check(req, revision, console)
-    manifest = hub.fetch_manifest(req.repo, revision, endpoint).select(req.include)
+    listing = hub.fetch_manifest(req.repo, revision, endpoint)
+    manifest = listing.select(req.include)
     record = VerifiedRecord(req.local_dir, trust=not req.recheck)
     plan = inspect_folder(manifest, req.local_dir, record)
     _say_plan(plan, console)
@@ -171,7 +172,7 @@ def from_hub(req: DownloadRequest, console: Console) -> DownloadResult:
                        dry_run=True)
     check_free_space(plan)
     req.local_dir.mkdir(parents=True, exist_ok=True)
-    _save_manifest(req.local_dir, manifest)
+    _save_manifest(req.local_dir, listing)  # the whole repo: a later full run must not think a selection is all
     transferred = run_plan(plan, endpoint, record, console, req.progress)
     if not req.include:
         hub.drop_stale_partials(req.local_dir, manifest)
