@@ -67,11 +67,10 @@ def list_installed(target: Target) -> Environment:
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         data = json.loads(done.stdout)
-    except (OSError, subprocess.TimeoutExpired, ValueError):
-        tail = (locals().get("done") and done.stderr.strip().splitlines()[-3:]) or []
-        raise KitError(f"Could not list the distributions installed in {target.python}: "
-                       f"`pip inspect` failed. {' '.join(tail)}",
-                       f"Check that `{' '.join(argv)}` runs.") from None
+    except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+        why = (_tail(done.stderr) if isinstance(exc, ValueError) else str(exc))
+        raise KitError(f"Could not list the distributions installed in {target.python}: `pip inspect` failed "
+                       f"({why}).", f"Check that `{' '.join(argv)}` runs.") from None
     distributions = {}
     for item in data.get("installed", []):
         meta = item["metadata"]
@@ -79,6 +78,10 @@ def list_installed(target: Target) -> Environment:
         dist = Installed(meta["name"], meta["version"], spec, editable, tuple(meta.get("requires_dist") or ()))
         distributions[dist.key] = dist
     return Environment(distributions, data.get("environment", {}))
+
+
+def _tail(text: str, lines: int = 3) -> str:
+    return " ".join(text.strip().splitlines()[-lines:]) or "no output"
 
 
 @dataclass
