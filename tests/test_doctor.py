@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.model_folders import MODELING_OK, make_model_folder, truncate
+from fixtures.model_folders import LIGHT_REMOTE_CODE, MODELING_OK, make_model_folder, truncate
 
 KIT = Path(sys.executable).with_name("internlm-kit")
 PROJECT_PYTHON = sys.executable
@@ -226,7 +226,8 @@ def test_a_torch_that_hangs_or_dies_is_a_failed_check(fake_torch_venv, no_gpu, b
 # --- model folders ---------------------------------------------------------------------------
 
 def test_a_complete_model_folder_passes_every_model_check(tmp_path, no_gpu):
-    path = make_model_folder(tmp_path / "internlm2-chat-1_8b", modeling=MODELING_OK)
+    path = make_model_folder(tmp_path / "internlm2-chat-1_8b", modeling=LIGHT_REMOTE_CODE,
+                             configuration=LIGHT_REMOTE_CODE)
     report, result = doctor_json("--model", str(path), "--only", "model,known-issues", env=no_gpu)
     assert_contract(report, result)
     assert {c["id"]: c["status"] for c in report["checks"]} == {
