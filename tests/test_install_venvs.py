@@ -58,8 +58,9 @@ def test_install_then_rollback_restores_the_exact_previous_set(tmp_path, venv_wi
     before = freeze(python)
     profile = write_profile(tmp_path, "small", {"six": "1.16.0", "idna": "3.7", "packaging": "24.0"})
 
-    result = kit("--profile", str(profile), "--python", str(python), "--yes", "--json", state=tmp_path)
+    result = kit("--profile", str(profile), "--python", str(python), "--yes", "--json", "-v", state=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "Successfully installed" in result.stderr  # pip's own output under -v (stderr, beside --json)
     outcome = json.loads(result.stdout)
     changes = {c["name"]: (c["kind"], c["old"], c["new"]) for c in outcome["resolution"]["changes"]}
     assert changes == {"six": ("install", None, "1.16.0"), "idna": ("upgrade", "3.6", "3.7"),
