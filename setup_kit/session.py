@@ -257,7 +257,7 @@ def read_saved(path: str | os.PathLike) -> tuple[str | None, list[Message], dict
         raise UsageError(f"{path} is JSON, but not a chat saved by internlm-kit.", fix=fix)
     system = data.get("system")
     messages = data.get("messages")
-    if system is not None and not isinstance(system, str) or not isinstance(messages, list):
+    if (system is not None and not isinstance(system, str)) or not isinstance(messages, list):
         raise UsageError(f"{path} is damaged: 'system' or 'messages' has the wrong type.", fix=fix)
     history: list[Message] = []
     for i, m in enumerate(messages):

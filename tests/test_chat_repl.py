@@ -85,7 +85,7 @@ def test_replies_stream_keep_typed_spaces_and_remember_the_conversation(
     assert requests[0] == [{"role": "system", "content": SYSTEM},
                            {"role": "user", "content": "hello   there,  friend "}]
     # the second prompt holds the first exchange, the reply exactly as it was shown
-    system, user1, assistant1, user2 = requests[1]
+    _system, user1, assistant1, user2 = requests[1]
     assert (user1["content"], user2["content"]) == ("hello   there,  friend ", "and  now?")
     assert assistant1["role"] == "assistant" and assistant1["content"]
     assert assistant1["content"].replace("\r", "") in first.replace("\r", "")
