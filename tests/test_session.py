@@ -147,3 +147,20 @@ def test_the_json_line_of_a_turn_has_exactly_the_documented_fields(engine):
                           "first_token_seconds", "stop"]
     assert line["user"] == "hi" and line["stop"] in ("eos", "length", "interrupt")
     assert line["completion_tokens"] <= 3 and line["seconds"] >= line["first_token_seconds"] > 0
+
+
+def test_the_user_is_told_when_old_turns_are_dropped(engine):
+    import io
+
+    from rich.console import Console
+
+    from setup_kit.repl import Repl, Terminal
+
+    out, err = io.StringIO(), io.StringIO()
+    session = Session(engine, system="Be brief.", params=greedy(60))
+    repl = Repl(session, Terminal(out, Console(file=err, width=200)))
+    results = [repl.turn("Please tell me a story about a small robot. " * 3) for _ in range(4)]
+    dropped = next(r.dropped for r in results if r.dropped)
+    assert f"dropped the {dropped} oldest messages" in err.getvalue()
+    assert f"{engine.context_window}-token context window" in err.getvalue()
+    assert out.getvalue() == "".join(r.reply + "\n" for r in results)  # replies only on stdout
