@@ -91,7 +91,8 @@ class Repl:
                            f"to fit the {self.session.engine.context_window}-token context window)",
                            "yellow")
         if result.stats.stop == "interrupt" and result.error is None:
-            self.term.note("(reply stopped; what was said is kept in the conversation)")
+            self.term.note("(reply stopped; what was said is kept in the conversation)"
+                           if result.reply else "(reply stopped before it began)")
         elif result.stats.stop == "length":
             self.term.note(f"(reply cut at its length limit, {result.stats.completion_tokens} "
                            "tokens: max_new_tokens or the room left in the context window; "
