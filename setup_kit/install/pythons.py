@@ -24,7 +24,8 @@ class FoundPython:
 
 
 def _candidates() -> list[tuple[str, str]]:
-    found = [(sys.executable, "running")]
+    # The interpreter the kit runs on (its base one when that is a venv: venvs are made from bases).
+    found = [(getattr(sys, "_base_executable", None) or sys.executable, "running")]
     for directory in os.environ.get("PATH", "").split(os.pathsep):
         # pyenv's shims are slow shell scripts for the versions listed below anyway.
         if directory and os.path.isdir(directory) and os.path.basename(directory) != "shims":
