@@ -8,8 +8,8 @@ import typer
 
 
 def command(
-    src: Path = typer.Argument(..., help="InternLM2 model folder (safetensors or .bin, sharded or not)."),
-    dst: Path = typer.Argument(..., help="New folder for the Llama-layout model."),
+    src: Path = typer.Argument(..., metavar="SRC", help="InternLM2 model folder (safetensors or .bin, sharded or not)."),
+    dst: Path = typer.Argument(..., metavar="DST", help="New folder for the Llama-layout model."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (as stored) | bf16 | fp16 | fp32."),
     force: bool = typer.Option(False, "--force", help="Replace DST if it is not empty."),
     max_shard_size: str = typer.Option("2GB", "--max-shard-size",
