@@ -144,8 +144,7 @@ def create_app(served: ServedModel, *, api_key: str | None = None) -> FastAPI:
             seed=body.seed, stop=tuple(body.stop or ()))
         events: asyncio.Queue[Event] = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        gen = GenRequest(prompt_ids=prompt, params=params,
-                         emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        gen = GenRequest(prompt_ids=prompt, params=params, emit=_emitter(loop, events))
         try:
             served.scheduler.submit(gen)
         except QueueFull:
@@ -167,6 +166,16 @@ def create_app(served: ServedModel, *, api_key: str | None = None) -> FastAPI:
         return FileResponse(str(static / "index.html"))
 
     return app
+
+
+def _emitter(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
+    """Hand events from the engine thread to this request's handler on the event loop."""
+    def emit(event: Event) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: the server is shutting down, nobody is listening
+            pass
+    return emit
 
 
 async def _encode(served: ServedModel, body: schema.ChatCompletionRequest) -> list[int]:

@@ -1,0 +1,54 @@
+"""`internlm-kit serve` as a user runs it: a real process on 127.0.0.1, and its refusals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+from fixtures.servers import free_port, stop_process, wait_for_http
+
+KIT = str(Path(sys.executable).with_name("internlm-kit"))
+
+
+def test_serve_command_starts_the_api_and_the_page(tiny_internlm2_dir, tmp_path):
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "INTERNLM_KIT_STATE_DIR": str(tmp_path / "state")}
+    with open(log, "w") as out:
+        process = subprocess.Popen([KIT, "serve", "--model", str(tiny_internlm2_dir), "--port", str(port),
+                                    "--device", "cpu", "--dtype", "fp32", "--threads", "1"],
+                                   stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", process, 120, log)
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
+        assert [m["id"] for m in models["data"]] == [tiny_internlm2_dir.name]
+        page = httpx.get(f"http://127.0.0.1:{port}/")
+        assert page.status_code == 200 and "internlm-kit chat" in page.text
+        assert httpx.get(f"http://127.0.0.1:{port}/static/app.js").status_code == 200
+        process.send_signal(signal.SIGINT)  # Ctrl-C: a clean shutdown
+        assert process.wait(timeout=30) == 0
+    finally:
+        stop_process(process)
+    text = log.read_text()
+    assert f"http://127.0.0.1:{port}/" in text and "Traceback" not in text
+
+
+def run_kit(*args):
+    return subprocess.run([KIT, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_remote_code_engine_is_refused_with_what_to_do(tiny_internlm2_dir):
+    done = run_kit("serve", "--model", str(tiny_internlm2_dir), "--engine", "remote-code")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "native engine" in done.stderr and "fix:" in done.stderr
+
+
+def test_unknown_backend_and_missing_model_are_one_paragraph_errors(tmp_path):
+    done = run_kit("serve", "--model", str(tmp_path), "--backend", "tgi")
+    assert done.returncode == 2 and "Unknown backend 'tgi'" in done.stderr
+    done = run_kit("serve", "--model", str(tmp_path / "nowhere"))
+    assert done.returncode == 1 and "There is no model folder" in done.stderr and "Traceback" not in done.stderr
