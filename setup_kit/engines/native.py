@@ -96,6 +96,7 @@ def load_model_and_tokenizer(model_dir, device: str = "auto", dtype: str = "auto
     started = time.perf_counter()
     folder = open_model_folder(model_dir)
     device, dtype, reason, gpu = choose_device_dtype(device, dtype)
+    tokenizer = _load_tokenizer(folder.path)  # first: a folder that is not a chat model fails fast
     if folder.model_type == "internlm2":
         model = _load_internlm2(folder.path, folder.config, device, dtype)
         layout = "internlm2"
@@ -103,7 +104,6 @@ def load_model_and_tokenizer(model_dir, device: str = "auto", dtype: str = "auto
         model = _load_llama(folder.path, device, dtype)
         layout = "llama"
     model.eval()
-    tokenizer = _load_tokenizer(folder.path)
     _check_vocab(tokenizer, model, folder.path)
     eos = eos_token_ids(model, tokenizer)
     model.generation_config.eos_token_id = eos
