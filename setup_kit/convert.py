@@ -177,10 +177,17 @@ def _load_bin(path: Path) -> dict:
     import torch
 
     try:
-        # mmap: tensors stay on disk until touched, so one .bin costs little memory to list.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            # mmap: tensors stay on disk until touched, so one .bin costs little memory to list.
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            # The pre-1.6 (non-zip) format cannot be mapped: read it whole (one shard's memory).
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated zip files
-        raise ModelFolderError(f"{path} cannot be read as a PyTorch checkpoint: {exc}",
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelFolderError(f"{path} cannot be read as a PyTorch checkpoint: {first_line}",
                                f"Download it again; internlm-kit doctor --model {path.parent}") from exc
 
 

@@ -164,6 +164,14 @@ def test_pytorch_bin_checkpoints_convert_too(tmp_path_factory, tiny_internlm2_di
     assert relative_error(logits, reference_logits(src, ids)) < 1e-5
 
 
+def test_a_damaged_bin_shard_is_refused_cleanly(tmp_path_factory, tiny_internlm2_dir, tmp_path):
+    src = variant(tmp_path_factory, tiny_internlm2_dir, "bad-bin", weights_format="bin", shards=2)
+    (src / "pytorch_model-00002-of-00002.bin").write_bytes(b"<html>Bad gateway</html>")
+    with pytest.raises(KitError, match="cannot be read as a PyTorch checkpoint"):
+        convert_checkpoint(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_dtype_option_casts_the_weights(tiny_internlm2_dir, tmp_path):
     from safetensors import safe_open
 
