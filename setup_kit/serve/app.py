@@ -193,13 +193,22 @@ async def _encode(served: ServedModel, body: schema.ChatCompletionRequest) -> li
 class _Reply:
     def __init__(self, model: str):
         self.id, self.created, self.model = schema.completion_id(), schema.now(), model
+        # Content chunks are most of a stream: render the schema once, splice each piece in.
+        marker = "\u0000"
+        template = self.chunk(schema.Delta(content=marker))
+        self._content_head, self._content_tail = template.split(json.dumps(marker))
+
+    def content(self, text: str) -> str:
+        return self._content_head + json.dumps(text, ensure_ascii=False) + self._content_tail
 
     def chunk(self, delta: schema.Delta | None = None, finish: str | None = None,
               usage: schema.Usage | None = None) -> str:
         choices = [] if delta is None else [schema.ChunkChoice(delta=delta, finish_reason=finish)]
         chunk = schema.ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
-                                           choices=choices, usage=usage)
-        return f"data: {chunk.model_dump_json()}\n\n"
+                                           choices=choices, usage=usage).model_dump()
+        for choice in chunk["choices"]:  # a delta carries only what changed, as OpenAI's do
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+        return f"data: {json.dumps(chunk, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 def _usage(event: Event) -> schema.Usage:
@@ -219,7 +228,7 @@ async def _sse(reply: _Reply, gen: GenRequest, events: asyncio.Queue, include_us
         while True:
             event = await events.get()
             if event.text:
-                yield reply.chunk(schema.Delta(content=event.text))
+                yield reply.content(event.text)
             if event.finish_reason is None:
                 continue
             if event.finish_reason == "error":
