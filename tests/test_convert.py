@@ -290,3 +290,43 @@ def test_peak_memory_stays_near_one_shard(tmp_path_factory, tiny_internlm2_dir, 
     # The measurement has teeth: one big output shard does hold everything at once.
     whole = peak_growth(src, tmp_path / "whole", 10**12)
     assert whole["growth"] > whole["written"] * 0.9, whole
+
+
+# --- older stacks read the converted folder too ------------------------------------------------
+
+OLD_STACK_SCRIPT = r"""
+import json, sys
+from transformers import AutoConfig, AutoTokenizer
+folder = sys.argv[1]
+tokenizer = AutoTokenizer.from_pretrained(folder)
+config = AutoConfig.from_pretrained(folder)
+names = ["<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>", "<|im_start|>"]
+messages = [{"role": "user", "content": "你好"}]
+print(json.dumps({
+    "class": type(tokenizer).__name__, "size": len(tokenizer),
+    "chat_ids": [tokenizer.convert_tokens_to_ids(n) for n in names],
+    "text_ids": tokenizer.encode(sys.argv[2], add_special_tokens=False),
+    "prompt": tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+    "rope_scaling": config.rope_scaling, "rope_theta": config.rope_theta,
+    "model_type": config.model_type}))
+"""
+
+
+@pytest.mark.slow
+def test_transformers_4_46_reads_the_converted_tokenizer_and_config(tiny_llama_dir, tiny_sentencepiece,
+                                                                     tmp_path):
+    """The last release the remote code is reported to run cleanly on (no torch needed for this)."""
+    from fixtures.venvs import make_venv, pip_install
+
+    python = make_venv(tmp_path / "venv")
+    pip_install(python, "transformers==4.46.3", "jinja2")
+    run = subprocess.run([str(python), "-c", OLD_STACK_SCRIPT, str(tiny_llama_dir), MIXED],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    size = tiny_sentencepiece.get_piece_size()
+    assert seen["size"] == size and seen["chat_ids"] == list(range(size - 6, size))
+    assert seen["text_ids"] == tiny_sentencepiece.encode(MIXED)
+    assert seen["prompt"] == "<s><|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n"
+    assert seen["model_type"] == "llama" and seen["rope_theta"] == 1_000_000.0
+    assert seen["rope_scaling"]["factor"] == 2.0
