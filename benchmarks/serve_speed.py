@@ -15,7 +15,9 @@ max_tokens=--new-tokens, and the token counts servers report are checked.
 Figures, per server and client count (median of --rounds):
   tok/s       all tokens received / wall seconds from the first request sent to the last reply done
               (for 1 client this is one reply's tokens / its wall time, as for bare generate)
-  x bare      tok/s / bare generate's tokens/s (256 tokens / wall of one generate call)
+  x bare      tok/s / bare generate's tokens/s (new tokens / wall of one generate call), bare
+              measured in this process right before each server round (paired: the machine's
+              other load changes by the minute, so only close-in-time runs compare)
   x 1-client  aggregate tok/s / the same server's 1-client tok/s
   TTFT p95    95th percentile over clients of the time to the first content chunk
 Servers run one at a time as subprocesses on 127.0.0.1; clients are threads in this process.
@@ -85,38 +87,44 @@ def prepare_model(tmp: Path) -> Path:
     return dest
 
 
-def bare_generate(model_dir: Path, new_tokens: int, rounds: int, want: int) -> tuple[dict, list[str]]:
-    """Bare `model.generate` figures, and `want` prompts whose greedy reply runs all new_tokens."""
-    import torch
+class Bare:
+    """Bare `model.generate` in this process, and the prompts whose greedy reply runs all new_tokens."""
 
-    from setup_kit.engines.native import load_model_and_tokenizer
-    from setup_kit.serve.app import encode_chat
+    def __init__(self, model_dir: Path, new_tokens: int, want: int):
+        import torch
 
-    model, tokenizer, info = load_model_and_tokenizer(model_dir, device="cpu", dtype="fp32")
-    eos = set(info.eos_token_ids)
+        from setup_kit.engines.native import load_model_and_tokenizer
+        from setup_kit.serve.app import encode_chat
 
-    def generate(ids, n):
+        self.model, tokenizer, info = load_model_and_tokenizer(model_dir, device="cpu", dtype="fp32")
+        self.new_tokens = new_tokens
+        eos = set(info.eos_token_ids)
+        self.prompts = []
+        for text in CANDIDATES:
+            ids = torch.tensor([encode_chat(tokenizer, [{"role": "user", "content": text}])])
+            _, tokens = self._generate(ids, new_tokens)
+            if len(tokens) == new_tokens and not eos & set(tokens):
+                self.prompts.append(text)
+            if len(self.prompts) == want:
+                break
+        if len(self.prompts) < want:
+            raise SystemExit(f"only {len(self.prompts)} prompts run {new_tokens} tokens without end of turn")
+        self.ids = torch.tensor([encode_chat(tokenizer, [{"role": "user", "content": self.prompts[0]}])])
+
+    def _generate(self, ids, n):
+        import torch
+
         started = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                      do_sample=False)
         return time.perf_counter() - started, out[0, ids.shape[1]:].tolist()
 
-    prompts = []
-    for text in CANDIDATES:
-        ids = torch.tensor([encode_chat(tokenizer, [{"role": "user", "content": text}])])
-        _, tokens = generate(ids, new_tokens)
-        if len(tokens) == new_tokens and not eos & set(tokens):
-            prompts.append(text)
-        if len(prompts) == want:
-            break
-    if len(prompts) < want:
-        raise SystemExit(f"only {len(prompts)} prompts run {new_tokens} tokens without end of turn")
-    ids = torch.tensor([encode_chat(tokenizer, [{"role": "user", "content": prompts[0]}])])
-    walls = [generate(ids, new_tokens)[0] for _ in range(rounds)]
-    ttfts = [generate(ids, 1)[0] for _ in range(rounds)]
-    wall = statistics.median(walls)
-    del model
-    return {"tok_s": new_tokens / wall, "ttft_p95": statistics.median(ttfts)}, prompts
+    def tok_s(self) -> float:
+        return self.new_tokens / self._generate(self.ids, self.new_tokens)[0]
+
+    def ttft(self) -> float:
+        return self._generate(self.ids, 1)[0]
 
 
 def free_port() -> int:
@@ -197,20 +205,27 @@ def load_test(url: str, model: str, prompts: list[str], clients: int, new_tokens
             "tokens": [r["tokens"] for r in results]}
 
 
-def measure_server(name, argv, port, model_name, env, log, prompts, client_counts, new_tokens, rounds):
+def measure_server(name, argv, port, model_name, env, log, bare, client_counts, new_tokens, rounds):
+    """A server's figures; each round is paired with a bare generate run just before it, so a
+    ratio compares measurements taken seconds apart (other load on the machine comes and goes)."""
     process = start(argv, port, env, log)
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        load_test(url, model_name, prompts, 1, 16)  # warm-up
+        load_test(url, model_name, bare.prompts, 1, 16)  # warm-up
         figures = {}
         for n in client_counts:
-            runs = [load_test(url, model_name, prompts, n, new_tokens) for _ in range(rounds)]
+            runs, bares = [], []
+            for _ in range(rounds):
+                bares.append(bare.tok_s())
+                runs.append(load_test(url, model_name, bare.prompts, n, new_tokens))
             short = [t for run in runs for t in run["tokens"] if t != new_tokens]
             if short:
                 print(f"  note: {name} at {n} clients returned replies of {short} tokens", file=sys.stderr)
             figures[n] = {"tok_s": statistics.median(r["tok_s"] for r in runs),
+                          "bare_tok_s": statistics.median(bares),
                           "ttft_p95": statistics.median(r["ttft_p95"] for r in runs)}
-            print(f"  {name:<32} {n} client(s): {figures[n]['tok_s']:7.1f} tok/s  "
+            print(f"  {name:<40} {n} client(s): {figures[n]['tok_s']:7.1f} tok/s "
+                  f"(bare just before: {figures[n]['bare_tok_s']:.1f})  "
                   f"TTFT p95 {figures[n]['ttft_p95']:.3f} s", file=sys.stderr, flush=True)
         return figures
     finally:
@@ -241,9 +256,11 @@ def main() -> int:
         print(f"model: {model_dir.name} (8 layers, hidden 512), CPU fp32, torch threads "
               f"{torch.get_num_threads()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
               file=sys.stderr, flush=True)
-        bare, prompts = bare_generate(model_dir, args.new_tokens, args.rounds, max(args.clients))
-        print(f"  {'bare model.generate':<32} 1 client(s): {bare['tok_s']:7.1f} tok/s  "
-              f"TTFT {bare['ttft_p95']:.3f} s", file=sys.stderr, flush=True)
+        bare = Bare(model_dir, args.new_tokens, max(args.clients))
+        bare_figures = {"tok_s": statistics.median(bare.tok_s() for _ in range(args.rounds)),
+                        "ttft_p95": statistics.median(bare.ttft() for _ in range(args.rounds))}
+        print(f"  {'bare model.generate':<40} 1 client(s): {bare_figures['tok_s']:7.1f} tok/s  "
+              f"TTFT {bare_figures['ttft_p95']:.3f} s", file=sys.stderr, flush=True)
         servers = {}
         port = free_port()
         kit = [str(bin_dir / "internlm-kit"), "serve", "--model", str(model_dir), "--port", str(port),
@@ -252,7 +269,7 @@ def main() -> int:
         if args.threads:
             kit += ["--threads", str(args.threads)]
         servers["internlm-kit serve"] = measure_server(
-            "internlm-kit serve", kit, port, "bench", env, tmp / "kit.log", prompts, args.clients,
+            "internlm-kit serve", kit, port, "bench", env, tmp / "kit.log", bare, args.clients,
             args.new_tokens, args.rounds)
         if not args.skip_transformers:
             for label, extra in (("transformers serve", []),
@@ -261,21 +278,22 @@ def main() -> int:
                 argv = [str(bin_dir / "transformers"), "serve", str(model_dir), "--host", "127.0.0.1",
                         "--port", str(port), "--device", "cpu", "--dtype", "float32", *extra]
                 servers[label] = measure_server(label, argv, port, str(model_dir), env,
-                                                tmp / f"{label.split()[-1]}.log", prompts, args.clients,
+                                                tmp / f"{label.split()[-1]}.log", bare, args.clients,
                                                 args.new_tokens, args.rounds)
         shutil.rmtree(tmp / "state", ignore_errors=True)
 
     print(f"\nServing speed, {args.new_tokens} greedy tokens per reply, median of {args.rounds} rounds "
           f"(load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs):\n")
-    print("| server | clients | tok/s | x bare | x its 1-client | TTFT p95 |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| bare `model.generate` | 1 | {bare['tok_s']:.1f} | 1.00 | - | {bare['ttft_p95']:.3f} s |")
+    print("| server | clients | tok/s | bare tok/s (paired) | x bare | x its 1-client | TTFT p95 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| bare `model.generate` | 1 | {bare_figures['tok_s']:.1f} | | 1.00 | - | "
+          f"{bare_figures['ttft_p95']:.3f} s |")
     for label, figures in servers.items():
         one = figures.get(1, {}).get("tok_s")
         for n, f in figures.items():
             ratio = f"{f['tok_s'] / one:.2f}" if one else "-"
-            print(f"| {label} | {n} | {f['tok_s']:.1f} | {f['tok_s'] / bare['tok_s']:.2f} | {ratio} | "
-                  f"{f['ttft_p95']:.3f} s |")
+            print(f"| {label} | {n} | {f['tok_s']:.1f} | {f['bare_tok_s']:.1f} | "
+                  f"{f['tok_s'] / f['bare_tok_s']:.2f} | {ratio} | {f['ttft_p95']:.3f} s |")
     print(f"\ncommand: .venv/bin/python benchmarks/serve_speed.py {' '.join(sys.argv[1:])}".rstrip())
     return 0
 
