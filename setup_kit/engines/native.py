@@ -278,7 +278,7 @@ class NativeEngine:
 
     def describe(self) -> str:
         info = self.info
-        where = f"{info.device} {info.dtype}" + (f" ({info.gpu_name})" if info.gpu_name else "")
+        where = f"{info.device} {info.dtype}" + (f" ({info.reason})" if info.reason else "")
         mapped = ", mapped from InternLM2" if info.layout == "internlm2" else ""
         compiled = ", static cache + torch.compile" if self.compiled else ""
         return (f"native engine · {where} · {info.model_dir.name} "
