@@ -148,6 +148,20 @@ _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "fl
 
 
 def _weight_files(folder: Path) -> list[Path]:
+    """The shards an index names (stray files beside them are not the model), else the files."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (ValueError, KeyError, AttributeError) as exc:
+                raise ModelFolderError(f"{index} cannot be read: {exc}.",
+                                       f"Download it again; internlm-kit doctor --model {folder}") from exc
+            missing = [n for n in names if not (folder / n).is_file()]
+            if missing:
+                raise ModelFolderError(f"{index_name} names {', '.join(missing)}, which is missing.",
+                                       f"Download it again; internlm-kit doctor --model {folder}")
+            return [folder / n for n in names]
     safetensors = sorted(folder.glob("*.safetensors"))
     return safetensors or sorted(folder.glob("pytorch_model*.bin"))
 
@@ -244,6 +258,22 @@ def split_wqkv(wqkv, config: dict):
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
+def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim, inter, vocab = hidden // heads, config["intermediate_size"], config["vocab_size"]
+    shapes = {"model.tok_embeddings.weight": (vocab, hidden), "output.weight": (vocab, hidden),
+              "model.norm.weight": (hidden,)}
+    per_layer = {"attention.wqkv.weight": ((heads + 2 * kv_heads) * head_dim, hidden),
+                 "attention.wo.weight": (hidden, heads * head_dim),
+                 "feed_forward.w1.weight": (inter, hidden), "feed_forward.w3.weight": (inter, hidden),
+                 "feed_forward.w2.weight": (hidden, inter),
+                 "attention_norm.weight": (hidden,), "ffn_norm.weight": (hidden,)}
+    for i in range(config["num_hidden_layers"]):
+        shapes.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
+    return shapes
+
+
 def check_tensors(folder: Path, config: dict, tensors: list[SourceTensor]) -> None:
     names = {t.name for t in tensors if not _IGNORED.search(t.name)}
     expected = expected_tensor_names(config)
@@ -257,6 +287,12 @@ def check_tensors(folder: Path, config: dict, tensors: list[SourceTensor]) -> No
         kind = "bias tensors" if any(n.endswith(".bias") for n in extra) else "tensors"
         raise ModelFolderError(
             f"{folder} holds {kind} the Llama layout has no place for: {', '.join(extra[:3])}.", fix)
+    shapes = expected_shapes(config)
+    for t in tensors:
+        if t.name in shapes and t.shape != shapes[t.name]:
+            raise ModelFolderError(
+                f"{folder}: tensor {t.name} has shape {list(t.shape)}, but config.json implies "
+                f"{list(shapes[t.name])}; the weights and config.json do not belong together.", fix)
 
 
 def iter_llama_tensors(folder: Path, config: dict, dtype=None) -> Iterator[tuple[str, object]]:

@@ -203,6 +203,16 @@ def test_missing_tensors_are_named(tmp_path_factory, tiny_internlm2_dir, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_weights_that_do_not_match_the_config_are_refused(tmp_path_factory, tiny_internlm2_dir,
+                                                          tmp_path):
+    src = variant(tmp_path_factory, tiny_internlm2_dir, "mismatch")
+    config = json.loads((src / "config.json").read_text())
+    config["num_key_value_heads"] = 4  # the wqkv tensors were packed for 2 KV heads
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(KitError, match=r"attention\.wqkv\.weight has shape \[128, 64\].*\[192, 64\]"):
+        convert_checkpoint(src, tmp_path / "out")
+
+
 def test_unknown_model_type_is_refused_by_the_cli(tmp_path_factory, tiny_internlm2_dir, tmp_path):
     src = variant(tmp_path_factory, tiny_internlm2_dir, "qwen-ish", model_type="qwen2")
     run = cli("convert", str(src), str(tmp_path / "out"))
