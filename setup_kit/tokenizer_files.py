@@ -164,7 +164,10 @@ def write_tokenizer(src: Path, dst: Path) -> None:
 def load_tokenizer(folder: Path, cache_root: Path | None = None):
     """The tokenizer for a model folder: as is when it has tokenizer.json, else built (and cached)."""
     folder = Path(folder)
-    if (folder / "tokenizer.json").is_file():
+    # A tokenizer.json beside remote tokenizer code (saved by the remote code's fast tokenizer)
+    # is not trusted: tokenizer.model is the source, as in the hub repo.
+    remote = bool(read_tokenizer_config(folder).get("auto_map"))
+    if (folder / "tokenizer.json").is_file() and not (remote and (folder / "tokenizer.model").is_file()):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(folder))

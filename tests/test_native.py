@@ -295,3 +295,20 @@ def test_load_model_and_tokenizer_is_the_shared_loader(tiny_internlm2_dir, state
     assert info.context_window == 256 and info.parameters == sum(p.numel() for p in model.parameters())
     assert (info.device, info.dtype, info.layout) == ("cpu", "fp32", "internlm2")
     assert info.load_seconds > 0
+
+
+def test_a_tokenizer_json_saved_beside_the_remote_code_is_not_trusted(tmp_path, tiny_internlm2_dir,
+                                                                       state_dir, engine):
+    """Some copies carry a tokenizer.json written by the remote code's fast tokenizer (here: one
+    with the chat tokens at new ids); tokenizer.model stays the source of truth."""
+    import shutil
+
+    folder = tmp_path / "with-json"
+    shutil.copytree(tiny_internlm2_dir, folder)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    wrong = Tokenizer(models.WordLevel({"<unk>": 0, "hello": 1}, unk_token="<unk>"))
+    wrong.pre_tokenizer = pre_tokenizers.Whitespace()
+    wrong.save(str(folder / "tokenizer.json"))
+    other = NativeEngine(folder, device="cpu")
+    assert other.encode_chat(CHAT) == engine.encode_chat(CHAT)
