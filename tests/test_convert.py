@@ -138,6 +138,16 @@ def test_chat_template_and_generation_config_are_carried(tiny_llama_dir, tiny_se
     assert generation["eos_token_id"] == [2, tiny_sentencepiece.piece_to_id("[UNUSED_TOKEN_145]")]
 
 
+def test_generation_config_is_made_when_the_source_has_none(tmp_path_factory, tiny_internlm2_dir,
+                                                            tmp_path):
+    src = variant(tmp_path_factory, tiny_internlm2_dir, "no-generation-config")
+    (src / "generation_config.json").unlink()
+    convert_checkpoint(src, tmp_path / "out")
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    assert generation["eos_token_id"] == [2, vocab - 2]  # </s> and <|im_end|>
+
+
 def test_weights_are_sharded_with_an_index(tiny_internlm2_dir, tmp_path):
     result = convert_checkpoint(tiny_internlm2_dir, tmp_path / "out", max_shard_bytes=150_000)
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
