@@ -461,6 +461,11 @@ def _swap_into_place(tmp: Path, dst: Path) -> None:
     if dst.exists():
         old = dst.parent / f".{dst.name}.replaced-{os.getpid()}"
         dst.rename(old)
-    tmp.rename(dst)
+    try:
+        tmp.rename(dst)
+    except BaseException:
+        if old is not None and not dst.exists():
+            old.rename(dst)  # put back what the user had
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -350,3 +350,24 @@ def test_transformers_4_46_reads_the_converted_tokenizer_and_config(tiny_llama_d
     assert seen["prompt"] == "<s><|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n"
     assert seen["model_type"] == "llama" and seen["rope_theta"] == 1_000_000.0
     assert seen["rope_scaling"]["factor"] == 2.0
+
+
+def test_ctrl_c_during_convert_leaves_nothing_behind(tmp_path_factory, tiny_internlm2_dir, tmp_path):
+    import signal
+    import time
+
+    src = variant(tmp_path_factory, tiny_internlm2_dir, "to-interrupt", hidden_size=512,
+                  num_hidden_layers=12, intermediate_size=2048, num_attention_heads=8,
+                  num_key_value_heads=4, shards=4)
+    dst = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "setup_kit", "convert", str(src), str(dst),
+                             "--max-shard-size", "2MB"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.converting-*/model-*.safetensors")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no shard was ever written"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == [], "neither DST nor the temporary folder may remain"

@@ -36,8 +36,13 @@ def command(
                   end="", file=sys.stderr, flush=True)
 
     print(f"Converting {src} -> {dst}", file=sys.stderr)
-    result = convert_checkpoint(src, dst, dtype=dtype, force=force, max_shard_bytes=limit,
-                                progress=progress)
+    try:
+        result = convert_checkpoint(src, dst, dtype=dtype, force=force, max_shard_bytes=limit,
+                                    progress=progress)
+    except KeyboardInterrupt:
+        # convert_checkpoint has removed its temporary folder; DST is as it was.
+        print(f"\ninternlm-kit: convert interrupted; {dst} was left as it was.", file=sys.stderr)
+        raise typer.Exit(130) from None
     print(file=sys.stderr)
     rate = result.bytes_written / 1e6 / max(result.seconds, 1e-9)
     typer.echo(f"Wrote {result.dst}: {result.tensors} tensors in {result.shards} shard(s), "
