@@ -1,8 +1,7 @@
 """Continuous batching: one engine thread steps every active request together.
 
 Requests are slots in one left-padded batch. Each loop the engine thread admits waiting requests
-(each prefilled alone, so its first token is exactly a lone request's, then merged into the batch,
-right-aligned), runs one decode step for every slot at once, hands each slot its token, and drops
+(prefilled together in one pass, then merged into the batch, right-aligned), runs one decode step for every slot at once, hands each slot its token, and drops
 the slots that finished or whose client left, at once. Rows keep their own positions, and a 4D mask
 hides each row's padding, so a greedy answer does not depend on what else is in the batch (beyond
 float rounding of different matrix shapes).
@@ -260,66 +259,95 @@ class BatchScheduler:
         self._fail_all("the server is shutting down")
 
     def _admit(self, *, block: bool) -> None:
-        while len(self._active) < self.max_batch:
+        """Take waiting requests into the free slots and prefill them together."""
+        joining: list[Request] = []
+        while len(self._active) + len(joining) < self.max_batch:
             try:
                 request = self._waiting.get(block=block, timeout=0.5 if block else None)
             except queue.Empty:
-                return
+                break
             if request is None:  # stop() wakes us
-                return
+                break
             with self._lock:
                 self._pending -= 1
             block = False
             if request.cancel.is_set():
                 request.emit(Event(finish_reason="cancelled", prompt_tokens=len(request.prompt_ids)))
                 continue
-            try:
-                self._prefill(request)
-            except Exception as exc:  # this request's failure, not the batch's
-                log.exception("prefill failed")
+            joining.append(request)
+        if not joining:
+            return
+        try:
+            self._prefill(joining)
+        except Exception as exc:  # these requests' failure, not the running batch's
+            log.exception("prefill failed")
+            for request in joining:
                 request.emit(Event(finish_reason="error", error=f"{type(exc).__name__}: {exc}",
                                    prompt_tokens=len(request.prompt_ids)))
 
-    def _prefill(self, request: Request) -> None:
-        """Run the prompt alone (no padding), take its first token, merge it into the batch."""
+    def _prefill(self, requests: list[Request]) -> None:
+        """Run the joining prompts in one forward, take their first tokens, merge them into the batch.
+
+        A lone prompt runs unpadded, exactly as a one-request generate would. Several are left-padded
+        to one width with a 4D mask that hides the padding (padding rows attend only to themselves,
+        which keeps their throwaway values finite) and positions that skip it: one pass instead of one
+        per prompt is what keeps the time to first token low when many clients arrive at once.
+        """
         import torch
         from transformers.cache_utils import DynamicCache
 
         device = self.model.device
-        slot = _Slot(request, self.tokenizer, self.eos_ids, device)
-        ids = torch.tensor([request.prompt_ids], device=device)
+        slots = [_Slot(r, self.tokenizer, self.eos_ids, device) for r in requests]
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.zeros(len(requests), width, dtype=torch.long, device=device)
+        real = torch.zeros(len(requests), width, dtype=torch.bool, device=device)
+        for i, r in enumerate(requests):
+            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, device=device)
+            real[i, width - len(r.prompt_ids):] = True
         cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-        token = self._sample(out.logits[:, -1, :], [slot])[0]
+        if len(requests) == 1:
+            out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        else:
+            positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+            causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+            attention = (causal[None, None] & real[:, None, None, :]) | torch.eye(
+                width, dtype=torch.bool, device=device)
+            out = self.model(input_ids=ids, position_ids=positions, attention_mask=attention, cache=cache,
+                             use_cache=True, logits_to_keep=1)
+        tokens = self._sample(out.logits[:, -1, :], slots)
         kv = [(layer.keys, layer.values) for layer in cache.layers]
         with self._lock:
-            self._merge(slot, kv, len(request.prompt_ids), token)
-        slot.accept(token)
+            self._merge(slots, kv, real, tokens)
+        for slot, token in zip(slots, tokens):
+            slot.accept(token)
 
-    def _merge(self, slot: _Slot, kv, length: int, token: int) -> None:
+    def _merge(self, slots: list[_Slot], kv, real, tokens: list[int]) -> None:
+        """Append prefilled rows to the batch, everything right-aligned on the newest column."""
         import torch
 
-        old_len = self._mask.shape[1] if self._active else 0
+        old_rows = len(self._active)
+        old_len = self._mask.shape[1] if old_rows else 0
+        length = real.shape[1]
         new_len = max(old_len, length)
-        batch = len(self._active) + 1
+        batch = old_rows + len(slots)
         layers = []
         for i, (k, v) in enumerate(kv):
             shape = (batch, k.shape[1], new_len + 64, k.shape[3])
             keys, values = k.new_zeros(shape), v.new_zeros(shape)
-            if self._active:
+            if old_rows:
                 old = self._layers[i]
-                keys[:-1, :, new_len - old_len:new_len] = old.keys_buf[:, :, :old_len]
-                values[:-1, :, new_len - old_len:new_len] = old.values_buf[:, :, :old_len]
-            keys[-1:, :, new_len - length:new_len] = k
-            values[-1:, :, new_len - length:new_len] = v
+                keys[:old_rows, :, new_len - old_len:new_len] = old.keys_buf[:, :, :old_len]
+                values[:old_rows, :, new_len - old_len:new_len] = old.values_buf[:, :, :old_len]
+            keys[old_rows:, :, new_len - length:new_len] = k
+            values[old_rows:, :, new_len - length:new_len] = v
             layers.append(_GrowingLayer(keys, values, new_len))
-        mask = torch.zeros(batch, new_len, dtype=torch.bool, device=kv[0][0].device)
-        if self._active:
-            mask[:-1, new_len - old_len:] = self._mask
-        mask[-1, new_len - length:] = True
+        mask = torch.zeros(batch, new_len, dtype=torch.bool, device=real.device)
+        if old_rows:
+            mask[:old_rows, new_len - old_len:] = self._mask
+        mask[old_rows:, new_len - length:] = real
         self._layers, self._mask = layers, mask
-        self._active.append(slot)
-        self._next_tokens.append(token)
+        self._active.extend(slots)
+        self._next_tokens.extend(tokens)
 
     def _decode_step(self) -> None:
         import torch
