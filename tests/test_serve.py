@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from fixtures.servers import KIT_MODEL, start_kit_server
+from fixtures.servers import KIT_MODEL, PacedModel, start_kit_server
 
 GREEDY = {"temperature": 0, "max_tokens": 48}
 # On the tiny fixture model this prompt's greedy reply runs past 200 tokens (no early end of turn).
@@ -125,7 +125,9 @@ def test_eight_concurrent_greedy_streams_each_equal_the_lone_answer(kit_server):
     assert batched == lone
 
 
-def test_disconnect_mid_stream_frees_the_slot_and_next_request_is_prompt(kit_server):
+def test_disconnect_mid_stream_frees_the_slot_and_next_request_is_prompt(paced_kit_server):
+    """The paced server makes the 200-token reply take about 6 s: its slot must be free within 2."""
+    kit_server = paced_kit_server
     body = {"model": KIT_MODEL, "messages": [{"role": "user", "content": LONG_PROMPT}],
             "stream": True, "temperature": 0, "max_tokens": 200}
     with httpx.Client(timeout=30) as http:
@@ -137,7 +139,7 @@ def test_disconnect_mid_stream_frees_the_slot_and_next_request_is_prompt(kit_ser
                 if seen >= 3:
                     break
         # leaving the block closes the connection with most of the 200 tokens still to come
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 2
     while kit_server.served.scheduler.load["active"] and time.monotonic() < deadline:
         time.sleep(0.02)
     assert kit_server.served.scheduler.load["active"] == 0, "the abandoned generation kept running"
@@ -205,7 +207,8 @@ def test_api_key_required_when_set(tiny_model_and_tokenizer):
 
 
 def test_full_queue_is_503_with_retry_after(tiny_model_and_tokenizer):
-    server = start_kit_server(tiny_model_and_tokenizer, max_batch=1, max_queue=0)
+    model, tokenizer, info = tiny_model_and_tokenizer
+    server = start_kit_server((PacedModel(model, 0.03), tokenizer, info), max_batch=1, max_queue=0)
     body = {"model": server.model, "messages": [{"role": "user", "content": LONG_PROMPT}], "stream": True,
             "temperature": 0, "max_tokens": 200}
     try:

@@ -34,7 +34,8 @@ def browser():
 
 
 @pytest.fixture
-def page(browser, kit_server):
+def page(browser, paced_kit_server):
+    kit_server = paced_kit_server
     context = browser.new_context()
     page = context.new_page()
     outside = []
@@ -55,6 +56,11 @@ def set_max_tokens(page, n: int) -> None:
 
 def test_reply_streams_in_then_stop_and_new_chat(page):
     ARTIFACTS.mkdir(exist_ok=True)
+    sent = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/chat/completions") else None)
+    page.click("#toggle-settings")
+    page.fill("#system-prompt", "You are terse.")
+    page.click("#toggle-settings")
     set_max_tokens(page, 8)
     page.fill("#input", "Hello, who are you?")
     page.keyboard.press("Enter")
@@ -63,6 +69,11 @@ def test_reply_streams_in_then_stop_and_new_chat(page):
     first = page.locator(".msg.assistant").first
     assert first.get_attribute("data-raw")
     assert page.is_hidden("#error")
+    assert sent[0]["stream"] is True
+    assert sent[0]["messages"] == [{"role": "system", "content": "You are terse."},
+                                   {"role": "user", "content": "Hello, who are you?"}]
+    first.locator(".copy").click()
+    page.wait_for_function("document.querySelector('.msg.assistant .copy').textContent === 'Copied'")
 
     # A long reply: watch it grow while streaming, then stop it.
     set_max_tokens(page, 200)
@@ -72,6 +83,9 @@ def test_reply_streams_in_then_stop_and_new_chat(page):
     page.wait_for_function(
         "() => { const m = document.querySelectorAll('.msg.assistant')[1];"
         " return m && m.classList.contains('streaming') && (m.dataset.raw || '').length > 0; }", timeout=60_000)
+    # Multi-turn: the second request carries the first exchange.
+    assert [m["role"] for m in sent[1]["messages"]] == ["system", "user", "assistant", "user"]
+    assert sent[1]["messages"][2]["content"] == first.get_attribute("data-raw")
     seen = len(reply.get_attribute("data-raw"))
     page.wait_for_function(
         f"() => (document.querySelectorAll('.msg.assistant')[1].dataset.raw || '').length > {seen}",
@@ -90,10 +104,12 @@ def test_reply_streams_in_then_stop_and_new_chat(page):
     page.keyboard.press("Enter")
     page.wait_for_selector(".msg.assistant:not(.streaming)", timeout=60_000)
     assert page.locator(".msg.user").count() == 1
+    assert [m["role"] for m in sent[-1]["messages"]] == ["system", "user"]  # history forgotten
     page.screenshot(path=str(ARTIFACTS / "serve-page-new-chat.png"), full_page=True)
 
 
-def test_server_errors_are_shown_in_words(page, kit_server):
+def test_server_errors_are_shown_in_words(page, paced_kit_server):
+    kit_server = paced_kit_server
     page.fill("#input", "word " * (kit_server.served.context_window * 2))
     page.click("#send")
     page.wait_for_selector("#error:not([hidden])", timeout=30_000)

@@ -24,6 +24,8 @@ from setup_kit.decoding import IncrementalDecoder
 
 log = logging.getLogger("internlm_kit.serve")
 
+GATHER_SECONDS = 0.01
+
 FinishReason = str  # "stop" | "length" | "cancelled" | "error"
 
 
@@ -270,6 +272,10 @@ class BatchScheduler:
                 break
             with self._lock:
                 self._pending -= 1
+            if block:
+                # Woken from idle: clients that connect together arrive a few ms apart; a short
+                # wait lets them share one prefill instead of queueing behind each other's.
+                time.sleep(GATHER_SECONDS)
             block = False
             if request.cancel.is_set():
                 request.emit(Event(finish_reason="cancelled", prompt_tokens=len(request.prompt_ids)))
