@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -84,7 +85,8 @@ class _Slot:
         if not request.params.greedy:
             self.generator = torch.Generator(device=device)
             seed = request.params.seed
-            self.generator.manual_seed(seed if seed is not None else torch.seed() & 0xFFFF_FFFF)
+            # Without a seed, a fresh one (torch.seed() would also reseed the process's global RNG).
+            self.generator.manual_seed(seed if seed is not None else secrets.randbits(63))
 
     def accept(self, token: int) -> None:
         """Take one generated token: emit safe text, decide whether this request is done."""
