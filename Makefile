@@ -13,15 +13,23 @@ PYTEST_ARGS ?=
 setup: $(VENV)/.installed
 ifneq ($(strip $(PROFILE)),)
 	$(BIN)/internlm-kit install --profile $(PROFILE) --python $(BIN)/python --yes
+	$(BIN)/python -m pip install -q -e ".[chat,serve,test]"
 endif
 	@echo "--- internlm-kit doctor (what this machine can and cannot do) ---"
-	@$(BIN)/internlm-kit doctor || echo "(the doctor found problems: each one above has its fix)"
+	@$(BIN)/internlm-kit doctor $(if $(strip $(PROFILE)),--profile $(PROFILE),) \
+	  || echo "(the doctor found problems: each one above has its fix)"
 
+# With PROFILE, torch and the model stack come from the profile (resolved first, snapshotted), so
+# no other torch is installed before it; the kit's `chat` extra is added after, already satisfied.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+ifeq ($(strip $(PROFILE)),)
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[chat,serve,test]"
+else
+	$(BIN)/python -m pip install -q -e ".[serve,test]"
+endif
 	touch $@
 
 test: $(VENV)/.installed

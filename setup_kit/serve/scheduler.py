@@ -25,7 +25,8 @@ from setup_kit.decoding import IncrementalDecoder
 
 log = logging.getLogger("internlm_kit.serve")
 
-GATHER_SECONDS = 0.01
+GATHER_SECONDS = 0.01  # the longest gap between arrivals that still counts as together
+GATHER_MAX_SECONDS = 0.06  # the longest a first request waits for company
 
 FinishReason = str  # "stop" | "length" | "cancelled" | "error"
 
@@ -265,9 +266,24 @@ class BatchScheduler:
     def _admit(self, *, block: bool) -> None:
         """Take waiting requests into the free slots and prefill them together."""
         joining: list[Request] = []
+        # Woken from idle: clients that connect together arrive some ms apart (HTTP parsing and
+        # tokenizing sit between them); waiting while they keep coming, up to GATHER_MAX_SECONDS,
+        # lets them share one prefill instead of queueing behind each other's.
+        gather_until = None
         while len(self._active) + len(joining) < self.max_batch:
+            if block:
+                wait = 0.5
+            elif gather_until is not None:
+                wait = min(GATHER_SECONDS, gather_until - time.monotonic())
+            else:
+                wait = None
             try:
-                request = self._waiting.get(block=block, timeout=0.5 if block else None)
+                if wait is None:
+                    request = self._waiting.get_nowait()
+                elif wait <= 0:
+                    break
+                else:
+                    request = self._waiting.get(timeout=wait)
             except queue.Empty:
                 break
             if request is None:  # stop() wakes us
@@ -275,9 +291,7 @@ class BatchScheduler:
             with self._lock:
                 self._pending -= 1
             if block:
-                # Woken from idle: clients that connect together arrive a few ms apart; a short
-                # wait lets them share one prefill instead of queueing behind each other's.
-                time.sleep(GATHER_SECONDS)
+                gather_until = time.monotonic() + GATHER_MAX_SECONDS
             block = False
             if request.cancel.is_set():
                 request.emit(Event(finish_reason="cancelled", prompt_tokens=len(request.prompt_ids)))
