@@ -61,9 +61,12 @@ print(("" if inspect_model_folder(folder).ok else "fetch:") + str(folder))
 endef
 export CHAT_MODEL_DIR
 
+# The same, serving the model behind the OpenAI-compatible API and the chat page.
 serve: $(VENV)/.installed
-	$(BIN)/internlm-kit download $(if $(MODEL),$(MODEL),)
-	$(BIN)/internlm-kit serve $(if $(MODEL),--model $(MODEL),)
+	@dir=$$($(BIN)/python -c "$$CHAT_MODEL_DIR" "$(MODEL)") || exit 1; \
+	case "$$dir" in fetch:*) dir=$${dir#fetch:}; \
+	  $(BIN)/internlm-kit download $(MODEL) --local-dir "$$dir" || exit 1;; esac; \
+	$(BIN)/internlm-kit serve --model "$(or $(MODEL),internlm/internlm2-chat-1_8b)"
 
 bench: $(VENV)/.installed
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
