@@ -116,8 +116,9 @@ def llama_config(config: dict, dtype: str) -> dict:
     }
     if scaling := config.get("rope_scaling"):
         kind = scaling.get("type", scaling.get("rope_type"))
-        # Both spellings: older readers want "type", newer ones "rope_type".
-        out["rope_scaling"] = {"type": kind, "rope_type": kind, "factor": float(scaling["factor"])}
+        # The legacy two-field spelling: transformers < 4.43 rejects any other key (the tutorial's
+        # 4.38 included), and newer releases, vLLM and llama.cpp's converter all read "type".
+        out["rope_scaling"] = {"type": kind, "factor": float(scaling["factor"])}
     return out
 
 

@@ -173,7 +173,12 @@ def load_tokenizer(folder: Path, cache_root: Path | None = None):
         return AutoTokenizer.from_pretrained(str(folder))
     if cache_root is None:
         return build_fast_tokenizer(folder)
+    from importlib.metadata import version
+
     digest = hashlib.sha256()
+    # One cache entry per stack: a tokenizer.json written by a newer `tokenizers` may not parse
+    # in an older one (two environments, say the tutorial's and the kit's, share the state dir).
+    digest.update(f"transformers={version('transformers')} tokenizers={version('tokenizers')}".encode())
     for name in ("tokenizer.model", "tokenizer_config.json"):
         if (folder / name).is_file():
             digest.update((folder / name).read_bytes())
