@@ -1,0 +1,65 @@
+"""The native engine on the stacks the profiles install, not only on the transformers the kit is developed on.
+
+`make setup PROFILE=tutorial` gives transformers 4.38.2 (tokenizers 0.15, huggingface-hub 0.24); the
+chat must work there exactly as on 5.x: same prompt, same greedy reply. Both environments share one
+state dir, as they would on a user's machine, so the cached tokenizer must not leak between stacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fixtures.venvs import make_venv, pip_install
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The tutorial profile's model stack, with this machine's CPU torch instead of its CUDA 12.1 build.
+TUTORIAL_STACK = ["torch==2.13.0", "transformers==4.38.2", "tokenizers==0.15.2", "huggingface-hub==0.24.6",
+                  "safetensors==0.4.3", "sentencepiece", "protobuf==5.27.2", "accelerate==0.33.0",
+                  "numpy<2", "typer", "rich", "packaging", "httpx"]
+
+
+@pytest.fixture(scope="session")
+def tutorial_stack_venv(tmp_path_factory) -> Path:
+    python = make_venv(tmp_path_factory.mktemp("venv-tutorial-stack") / "venv")
+    pip_install(python, *TUTORIAL_STACK)
+    pip_install(python, "--no-deps", "-e", str(ROOT))
+    return python
+
+
+def greedy_reply(python: Path, model: Path, state: Path) -> dict:
+    env = {**os.environ, "INTERNLM_KIT_STATE_DIR": str(state)}
+    run = subprocess.run([str(python), "-m", "setup_kit", "chat", "--model", str(model), "--greedy",
+                          "--max-new-tokens", "16", "--prompt", "Hello, 你好", "--json"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_native_chat_on_the_tutorial_transformers_matches_current(tutorial_stack_venv, tiny_internlm2_dir,
+                                                                  tmp_path):
+    state = tmp_path / "state"
+    current = greedy_reply(Path(sys.executable), tiny_internlm2_dir, state)
+    tutorial = greedy_reply(tutorial_stack_venv, tiny_internlm2_dir, state)
+    assert tutorial["prompt_tokens"] == current["prompt_tokens"]
+    assert tutorial["completion_tokens"] == current["completion_tokens"] == 16
+    assert tutorial["reply"] == current["reply"]
+
+
+@pytest.mark.slow
+def test_converted_folder_loads_on_the_tutorial_transformers(tutorial_stack_venv, tiny_llama_dir):
+    """Without trust_remote_code, and with the dynamic RoPE scaling 4.38's LlamaConfig validates strictly."""
+    script = ("import sys; from transformers import AutoModelForCausalLM as M;"
+              "m = M.from_pretrained(sys.argv[1]); print(m.config.rope_scaling['type'])")
+    run = subprocess.run([str(tutorial_stack_venv), "-c", script, str(tiny_llama_dir)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "dynamic"
