@@ -86,6 +86,60 @@ def _rename(tokenizer_json: dict, renames: dict[int, str]) -> dict:
     return tokenizer_json
 
 
+def _add_dummy_prefix(model_file: Path) -> bool:
+    """sentencepiece's normalizer_spec.add_dummy_prefix (its default, True, when unreadable)."""
+    try:
+        from transformers.convert_slow_tokenizer import import_protobuf
+
+        proto = import_protobuf().ModelProto()
+        proto.ParseFromString(Path(model_file).read_bytes())
+    except Exception:  # conversion already succeeded, so this only guards odd protobuf setups
+        return True
+    return bool(proto.normalizer_spec.add_dummy_prefix)
+
+
+def _whole_text_normalization(tokenizer_json: dict, dummy_prefix: bool) -> dict:
+    """Spaces become '▁', and the dummy prefix goes only at the very start of the text, as
+    sentencepiece does on the whole string; the same pipeline on every `tokenizers` release.
+
+    transformers 4.38 converts with a `Prepend('▁')` normalizer, which `tokenizers` applies to each
+    stretch between special tokens (`<|im_start|>▁user`, `<|im_end|>▁\\n`); 5.x uses a
+    `Metaspace(prepend_scheme='first', split=False)` pre-tokenizer, but tokenizers 0.15 cannot turn
+    its split off (so runs of spaces could not become whitespace pieces). Instead every added token
+    is matched after normalization (`normalized: true`), so the normalizer sees the whole text at
+    once; a text that starts with an added token loses the prefix again (5.x adds none there), and
+    that rule also leaves the added tokens' own spelling unchanged. A text that starts with a space
+    gets no prefix either, as with 5.x's Metaspace (sentencepiece itself would add one).
+    """
+    import re
+
+    steps = [n for n in _flatten_normalizers(tokenizer_json.get("normalizer"))
+             if n.get("type") == "Precompiled" and n.get("precompiled_charsmap")]
+    added = sorted({t["content"] for t in tokenizer_json.get("added_tokens", [])}, key=len, reverse=True)
+    if dummy_prefix:
+        steps.append({"type": "Prepend", "prepend": "\u2581"})
+    steps.append({"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"})
+    if dummy_prefix and added:
+        lookahead = "|".join(re.escape(t) for t in added)
+        steps.append({"type": "Replace", "pattern": {"Regex": f"\\A\u2581(?={lookahead})"}, "content": ""})
+    if dummy_prefix:
+        # Like 5.x's Metaspace, no prefix when the text already starts with a space.
+        steps.append({"type": "Replace", "pattern": {"Regex": "\\A\u2581\u2581"}, "content": "\u2581"})
+    tokenizer_json["normalizer"] = {"type": "Sequence", "normalizers": steps}
+    tokenizer_json["pre_tokenizer"] = None
+    for token in tokenizer_json.get("added_tokens", []):
+        token["normalized"] = True
+    return tokenizer_json
+
+
+def _flatten_normalizers(normalizer: dict | None) -> list[dict]:
+    if not normalizer:
+        return []
+    if normalizer.get("type") == "Sequence":
+        return [n for inner in normalizer.get("normalizers", []) for n in _flatten_normalizers(inner)]
+    return [normalizer]
+
+
 def build_fast_tokenizer(folder: Path):
     """A `PreTrainedTokenizerFast` for an InternLM2 (or Llama-with-tokenizer.model) folder.
 
@@ -105,6 +159,7 @@ def build_fast_tokenizer(folder: Path):
     vocab_size = backend.get_vocab_size(with_added_tokens=False)
     renames = renamed_pieces(config, vocab_size)
     data = _rename(json.loads(backend.to_str()), renames)
+    data = _whole_text_normalization(data, _add_dummy_prefix(model_file))
 
     special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")
                if isinstance(config.get(k), str)}
