@@ -196,6 +196,7 @@ def write_tokenizer(src: Path, dst: Path) -> None:
     tokenizer = build_fast_tokenizer(src)
     tokenizer.save_pretrained(str(dst))
     shutil.copyfile(Path(src) / "tokenizer.model", Path(dst) / "tokenizer.model")
+    _write_portable_merges(Path(dst) / "tokenizer.json")
     # Name a class every transformers release has, so older stacks and vLLM load tokenizer.json as is.
     config_path = Path(dst) / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -214,6 +215,24 @@ def write_tokenizer(src: Path, dst: Path) -> None:
         t.content for t in special if t.special and t.content not in
         (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token, tokenizer.pad_token)]
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def _write_portable_merges(path: Path) -> None:
+    """BPE merges as "a b" strings, the form every `tokenizers` release reads.
+
+    tokenizers >= 0.20 saves merges as ["a", "b"] pairs, which 0.15 (the tutorial profile's, under
+    transformers 4.38) rejects with "data did not match any variant of untagged enum ModelWrapper".
+    sentencepiece pieces never contain a space (it is '▁'), so the string form is unambiguous; should
+    a piece contain one, the file is left as saved.
+    """
+    data = json.loads(path.read_text(encoding="utf-8"))
+    merges = data.get("model", {}).get("merges")
+    if not merges or not all(isinstance(m, list) for m in merges):
+        return
+    if any(" " in part for m in merges for part in m):
+        return
+    data["model"]["merges"] = [" ".join(m) for m in merges]
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def load_tokenizer(folder: Path, cache_root: Path | None = None):

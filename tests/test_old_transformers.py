@@ -54,6 +54,50 @@ def test_native_chat_on_the_tutorial_transformers_matches_current(tutorial_stack
     assert tutorial["reply"] == current["reply"]
 
 
+# Chat markup with English and Chinese, spaces at the start, runs of spaces, newlines and special tokens
+# at the start, middle and end: where 4.38's converter used to put a dummy '▁' after each special token.
+MIXED_TEXTS = [
+    "<s><|im_start|>system\n你是书生·浦语 (InternLM).<|im_end|>\n<|im_start|>user\nHello, 你好<|im_end|>\n",
+    "Hello, 你好",
+    "  two leading spaces, then   three",
+    "人工智能 正在改变<|im_end|> and after\n    indented code",
+    " <s>x <|im_start|> y</s>",
+]
+
+TOKEN_IDS = """
+import json, sys
+from pathlib import Path
+from setup_kit.tokenizer_files import load_tokenizer
+tokenizer = load_tokenizer(Path(sys.argv[1]), Path(sys.argv[2]))
+texts = json.loads(sys.argv[3])
+ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+print(json.dumps({"ids": ids, "text": [tokenizer.decode(i) for i in ids]}))
+"""
+
+
+def token_ids(python: Path, folder: Path, cache: Path) -> dict:
+    run = subprocess.run([str(python), "-c", TOKEN_IDS, str(folder), str(cache), json.dumps(MIXED_TEXTS)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_tokenizer_gives_the_same_ids_on_the_tutorial_transformers(tutorial_stack_venv, tiny_internlm2_dir,
+                                                                   tiny_llama_dir, tmp_path, tiny_sentencepiece):
+    """Both the tokenizer built from tokenizer.model and the converted folder's tokenizer.json."""
+    for folder in (tiny_internlm2_dir, tiny_llama_dir):
+        current = token_ids(Path(sys.executable), folder, tmp_path / "cache")
+        tutorial = token_ids(tutorial_stack_venv, folder, tmp_path / "cache")
+        assert tutorial == current, folder
+    # No '▁' after a special token, and plain text as sentencepiece encodes it.
+    im_start = current["ids"][0][1]
+    after = current["ids"][0][2]
+    assert not tiny_sentencepiece.id_to_piece(after).startswith("\u2581")
+    assert current["ids"][1] == tiny_sentencepiece.encode(MIXED_TEXTS[1])
+    assert im_start == tiny_sentencepiece.get_piece_size() - 1
+
+
 @pytest.mark.slow
 def test_converted_folder_loads_on_the_tutorial_transformers(tutorial_stack_venv, tiny_llama_dir):
     """Without trust_remote_code, and with the dynamic RoPE scaling 4.38's LlamaConfig validates strictly."""
