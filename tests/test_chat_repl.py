@@ -25,9 +25,37 @@ def long_context_model(tiny_internlm2_dir, tmp_path_factory) -> Path:
     """The tiny model with room for long replies (4096 positions), for Ctrl-C mid-reply."""
     from fixtures.models import build_tiny_internlm2
 
-    return build_tiny_internlm2(tmp_path_factory.mktemp("models") / "tiny-long",
-                                max_position_embeddings=4096,
-                                tokenizer_model=tiny_internlm2_dir / "tokenizer.model")
+    folder = build_tiny_internlm2(tmp_path_factory.mktemp("models") / "tiny-long",
+                                  max_position_embeddings=4096,
+                                  tokenizer_model=tiny_internlm2_dir / "tokenizer.model")
+    never_end_turn(folder)
+    return folder
+
+
+def never_end_turn(folder: Path) -> None:
+    """Make the end-of-turn tokens unreachable, so a reply runs until it is stopped.
+
+    Residual dimension 0 is held at a large constant (every embedding has it, no layer writes to it),
+    so after the final norm it is large and positive; the output rows of the eos tokens read only
+    that dimension, negatively: their logits are hugely negative whatever the context.
+    """
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    eos = json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
+    eos = eos if isinstance(eos, list) else [eos]
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(str(shard))
+        for name, tensor in tensors.items():
+            if name == "model.tok_embeddings.weight":
+                tensor[:, 0] = 10.0
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                tensor[0, :] = 0.0
+            elif name == "output.weight":
+                tensor[eos, :] = 0.0
+                tensor[eos, 0] = -100.0
+        save_file(tensors, str(shard), metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="module")
