@@ -116,7 +116,8 @@ def load_model_and_tokenizer(model_dir, device: str = "auto", dtype: str = "auto
     return model, tokenizer, info
 
 
-def _torch_dtype(dtype: str):
+def torch_dtype_for(dtype: str):
+    """The torch dtype for one of the kit's names (bf16, fp16, fp32)."""
     import torch
 
     return getattr(torch, DTYPE_NAMES[dtype])
@@ -136,7 +137,7 @@ def _load_internlm2(path: Path, config: dict, device: str, dtype: str):
     llama = LlamaConfig(**llama_config(config, DTYPE_NAMES[dtype]))
     with init_empty_weights():  # parameters on the meta device; buffers (RoPE) real, on the CPU
         model = LlamaForCausalLM(llama)
-    torch_dtype = _torch_dtype(dtype)
+    torch_dtype = torch_dtype_for(dtype)
     for name, tensor in iter_llama_tensors(path, config, torch_dtype):
         set_module_tensor_to_device(model, name, device, value=tensor, dtype=torch_dtype)
     model.to(device)  # the buffers
@@ -153,7 +154,7 @@ def _load_llama(path: Path, device: str, dtype: str):
     # The keyword was renamed in transformers 4.56.
     key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **{key: _torch_dtype(dtype)})
+        model = AutoModelForCausalLM.from_pretrained(str(path), **{key: torch_dtype_for(dtype)})
     except (OSError, ValueError) as exc:
         raise ModelFolderError(f"transformers could not load {path}: {exc}",
                                f"internlm-kit doctor --model {path}") from exc

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from setup_kit.engines.native import LoadInfo, NativeEngine, choose_device_dtype, eos_token_ids
+from setup_kit.engines.native import (LoadInfo, NativeEngine, choose_device_dtype, eos_token_ids,
+                                      torch_dtype_for)
 from setup_kit.errors import KitError, ModelFolderError
 
 IMPORT_CHECK = "model.remote-code-imports"
@@ -49,10 +50,9 @@ def load_remote_code_model(model_dir: Path, device: str = "auto", dtype: str = "
         raise ModelFolderError(f"{folder.path} has no remote code (config.json has no auto_map).",
                                fix=f"Use the native engine: internlm-kit chat --model {folder.path}")
     device, dtype, reason, gpu = choose_device_dtype(device, dtype)
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    torch_dtype = torch_dtype_for(dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder.path), trust_remote_code=True)
         model = AutoModelForCausalLM.from_pretrained(str(folder.path), trust_remote_code=True,

@@ -16,23 +16,12 @@ from setup_kit.serve.scheduler import BatchScheduler
 log = logging.getLogger("internlm_kit.serve")
 
 
-def stop_token_ids(model, tokenizer) -> set[int]:
-    """End-of-turn ids: the tokenizer's eos, the generation config's list, and ChatML's `<|im_end|>`."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if configured is not None:
-        ids.update(int(i) for i in (configured if isinstance(configured, (list, tuple)) else [configured]))
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
-    return ids
-
-
 def served_model(model, tokenizer, model_id: str, *, max_batch: int = 8, max_queue: int = 32,
                  eos_ids: set[int] | None = None) -> ServedModel:
-    eos_ids = eos_ids or stop_token_ids(model, tokenizer)
+    if not eos_ids:
+        from setup_kit.engines.native import eos_token_ids
+
+        eos_ids = set(eos_token_ids(model, tokenizer))
     scheduler = BatchScheduler(model.eval(), tokenizer, eos_ids=eos_ids,
                                max_batch=max_batch, max_queue=max_queue)
     return ServedModel(id=model_id, tokenizer=tokenizer, scheduler=scheduler)
