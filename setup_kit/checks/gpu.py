@@ -33,7 +33,8 @@ def cuda_tables() -> dict:
         return tomllib.load(handle)
 
 
-def _v(text: str) -> Version:
+def loose_version(text: str) -> Version:
+    """A version to compare; an unparsable one sorts first."""
     try:
         return Version(text)
     except InvalidVersion:
@@ -43,7 +44,7 @@ def _v(text: str) -> Version:
 def min_driver(cuda: str) -> str | None:
     """The minimum driver for a CUDA toolkit version (the nearest listed one at or below it)."""
     table = cuda_tables()["min_driver"]
-    listed = sorted((k for k in table if _v(k) <= _v(cuda)), key=_v)
+    listed = sorted((k for k in table if loose_version(k) <= loose_version(cuda)), key=loose_version)
     same_major = [k for k in listed if k.split(".")[0] == cuda.split(".")[0]]
     return table[same_major[-1]] if same_major else None
 
@@ -55,19 +56,19 @@ def _builds(torch_version: str) -> list[str]:
     minor = ".".join(torch_version.split("+")[0].split(".")[:2])
     if minor in table:
         return table[minor]
-    newest = max(table, key=_v)
-    return table[newest] if _v(minor) > _v(newest) else []
+    newest = max(table, key=loose_version)
+    return table[newest] if loose_version(minor) > loose_version(newest) else []
 
 
 def torch_variant_for_driver(torch_version: str, driver: str) -> tuple[str, bool] | None:
     """(CUDA variant, runs natively) of this torch release for the driver: the newest variant the
     driver runs natively, else the newest it runs under minor-version compatibility, else None."""
-    builds = sorted(_builds(torch_version), key=_v, reverse=True)
-    native = [c for c in builds if (need := min_driver(c)) and _v(driver) >= _v(need)]
+    builds = sorted(_builds(torch_version), key=loose_version, reverse=True)
+    native = [c for c in builds if (need := min_driver(c)) and loose_version(driver) >= loose_version(need)]
     if native:
         return native[0], True
     floors = cuda_tables()["minor_compat_floor"]
-    compat = [c for c in builds if (floor := floors.get(c.split(".")[0])) and _v(driver) >= _v(floor)]
+    compat = [c for c in builds if (floor := floors.get(c.split(".")[0])) and loose_version(driver) >= loose_version(floor)]
     return (compat[0], False) if compat else None
 
 
@@ -80,7 +81,7 @@ def torch_fix_for_driver(ctx: Context, driver: str) -> str:
 
     for profile in available_profiles().values():
         need = min_driver(profile.cuda) if profile.cuda else None
-        if need and driver and _v(driver) >= _v(need):
+        if need and driver and loose_version(driver) >= loose_version(need):
             command = f"internlm-kit install --profile {profile.name} --python {ctx.python}"
             if found:
                 command = f"{torch_reinstall(ctx, found[0])}   (runs under CUDA minor-version compatibility), or: {command}"
@@ -88,7 +89,7 @@ def torch_fix_for_driver(ctx: Context, driver: str) -> str:
     if found:
         return f"{torch_reinstall(ctx, found[0])}   (runs under CUDA minor-version compatibility)"
     update = "Update the NVIDIA driver (e.g. sudo apt install nvidia-driver-550)"
-    for minor in sorted(cuda_tables()["torch_builds"], key=_v, reverse=True):  # an older torch this driver runs
+    for minor in sorted(cuda_tables()["torch_builds"], key=loose_version, reverse=True):  # an older torch this driver runs
         older = torch_variant_for_driver(f"{minor}.0", driver) if driver else None
         if older:
             how = "" if older[1] else " under CUDA minor-version compatibility"
@@ -176,11 +177,11 @@ def torch_vs_driver(ctx: Context) -> Result:
         return skip(f"no driver table entry for CUDA {facts.cuda}")
     detail = f"driver {gpu.driver_version} supports CUDA up to {gpu.cuda_driver_version or '?'}; " \
              f"CUDA {facts.cuda} needs >= {needed}"
-    if _v(gpu.driver_version) >= _v(needed):
+    if loose_version(gpu.driver_version) >= loose_version(needed):
         return ok(f"driver {gpu.driver_version} runs torch's CUDA {facts.cuda} (needs >= {needed})", detail)
     fix = torch_fix_for_driver(ctx, gpu.driver_version) + f"\nor update the NVIDIA driver to >= {needed}"
     floor = cuda_tables()["minor_compat_floor"].get(facts.cuda.split(".")[0])
-    if floor and _v(gpu.driver_version) >= _v(floor):
+    if floor and loose_version(gpu.driver_version) >= loose_version(floor):
         return warn(f"driver {gpu.driver_version} is older than CUDA {facts.cuda} wants ({needed}); "
                     "it runs under CUDA minor-version compatibility (no PTX JIT of newer kernels)", fix, detail)
     return fail(f"driver {gpu.driver_version} is too old for torch's CUDA {facts.cuda} (needs >= {needed})",
@@ -190,7 +191,7 @@ def torch_vs_driver(ctx: Context) -> Result:
 def _cuda_vs_driver_cuda(ctx: Context) -> Result:
     built, supported = ctx.torch.cuda, ctx.gpu.cuda_driver_version
     detail = f"the driver supports CUDA up to {supported} (from {ctx.gpu.source}); torch was built for CUDA {built}"
-    if _v(built) <= _v(supported):
+    if loose_version(built) <= loose_version(supported):
         return ok(f"the driver supports CUDA {supported}, torch needs {built}", detail)
     fix = f"Update the NVIDIA driver to >= {min_driver(built) or 'one for CUDA ' + built}, or: " + \
         torch_fix_for_driver(ctx, "")
@@ -204,7 +205,7 @@ def resolved_dtype(ctx: Context, gpus) -> str:
     if ctx.dtype != "auto":
         return ctx.dtype
     caps = [capability(g) for g in gpus]
-    if caps and all(c and _v(c) >= _v("8.0") for c in caps):
+    if caps and all(c and loose_version(c) >= loose_version("8.0") for c in caps):
         return (ctx.model.torch_dtype if ctx.model and ctx.model.torch_dtype in DTYPE_BYTES else "bfloat16")
     return "float16"
 
@@ -265,7 +266,7 @@ def bf16(ctx: Context) -> Result:
     caps = {g.index: capability(g) for g in gpus}
     if not all(caps.values()):
         return skip("compute capability unknown for " + ", ".join(g.name for g in gpus if not caps[g.index]))
-    old = [g for g in gpus if _v(caps[g.index]) < _v("8.0")]
+    old = [g for g in gpus if loose_version(caps[g.index]) < loose_version("8.0")]
     listing = ", ".join(f"{g.name} ({caps[g.index]})" for g in gpus)
     if not old:
         return ok(f"bfloat16 is native on {listing}")

@@ -2,32 +2,26 @@
 
 from __future__ import annotations
 
-from packaging.version import InvalidVersion, Version
+from packaging.version import Version
 
+from setup_kit.checks.gpu import loose_version, min_driver
 from setup_kit.profiles import Profile
-
-
-def _v(text: str) -> Version:
-    try:
-        return Version(text)
-    except InvalidVersion:
-        return Version("0")
 
 
 def _torch(profile: Profile) -> Version:
     pin = profile.pin("torch")
-    return _v(pin.version) if pin else Version("0")
+    return loose_version(pin.version) if pin else Version("0")
 
 
 def driver_runs(gpu, cuda: str) -> tuple[bool, str]:
     """(whether the driver runs builds for this CUDA natively, how we know) per envs/cuda.toml."""
-    from setup_kit.checks.gpu import min_driver
-
     need = min_driver(cuda)
     if gpu.driver_version and need:
-        return _v(gpu.driver_version) >= _v(need), f"driver {gpu.driver_version}, CUDA {cuda} needs >= {need}"
+        return (loose_version(gpu.driver_version) >= loose_version(need),
+                f"driver {gpu.driver_version}, CUDA {cuda} needs >= {need}")
     if gpu.cuda_driver_version:
-        return _v(gpu.cuda_driver_version) >= _v(cuda), f"the driver supports CUDA {gpu.cuda_driver_version}"
+        return (loose_version(gpu.cuda_driver_version) >= loose_version(cuda),
+                f"the driver supports CUDA {gpu.cuda_driver_version}")
     return False, "the driver version is unknown"
 
 
