@@ -279,6 +279,9 @@ from pathlib import Path
 from setup_kit.convert import convert_checkpoint
 from setup_kit.tokenizer_files import build_fast_tokenizer
 build_fast_tokenizer(sys.argv[1])  # imports and tokenizer work happen before the baseline
+# A first conversion pages in the library code it runs (file-backed RSS that stays), so the
+# measured one below grows only by the data it holds.
+convert_checkpoint(sys.argv[1], sys.argv[2] + "-warmup", max_shard_bytes=int(sys.argv[3]))
 
 def status(key):
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key))
@@ -305,8 +308,8 @@ def test_peak_memory_stays_near_one_shard(tmp_path_factory, tiny_internlm2_dir, 
     streamed = peak_growth(src, tmp_path / "streamed", 4_000_000)
     assert streamed["written"] > 40_000_000
     # Holding the model grows memory by its size; streaming by about one input shard (mapped)
-    # plus one output shard (and its serialized copy): here 5.6 + 2 x 4 MB of 45 MB.
-    assert streamed["growth"] < streamed["written"] / 2, streamed
+    # plus one output shard: here 5.6 + 4 MB of 45 MB (measured: ~8 MB).
+    assert streamed["growth"] < streamed["written"] / 3, streamed
     # The measurement has teeth: one big output shard does hold everything at once.
     whole = peak_growth(src, tmp_path / "whole", 10**12)
     assert whole["growth"] > whole["written"] * 0.9, whole
