@@ -10,9 +10,9 @@ import typer
 def command(
     src: Path = typer.Argument(..., metavar="SRC", help="InternLM2 model folder (safetensors or .bin, sharded or not)."),
     dst: Path = typer.Argument(..., metavar="DST", help="New folder for the Llama-layout model."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (as stored) | bf16 | fp16 | fp32."),
+    dtype: str = typer.Option("auto", "--dtype", metavar="DTYPE", help="auto (as stored) | bf16 | fp16 | fp32."),
     force: bool = typer.Option(False, "--force", help="Replace DST if it is not empty."),
-    max_shard_size: str = typer.Option("2GB", "--max-shard-size",
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size", metavar="SIZE",
                                        help="Largest output shard, e.g. 2GB, 500MB."),
 ) -> None:
     """Convert an InternLM2 checkpoint to the standard Llama layout.

@@ -20,7 +20,7 @@ def command(
     only: Optional[str] = typer.Option(None, "--only", metavar="ID[,ID...]",
                                        help="Run only these checks (ids or prefixes such as 'model')."),
     list_checks: bool = typer.Option(False, "--list-checks", help="List the check ids and exit."),
-    dtype: str = typer.Option("auto", "--dtype", help="dtype for the GPU memory and bf16 checks: "
+    dtype: str = typer.Option("auto", "--dtype", metavar="DTYPE", help="dtype for the GPU memory and bf16 checks: "
                                                       "auto, bfloat16, float16, float32."),
 ) -> None:
     """Inspect an environment, the GPU stack and a model folder; print a fix for every problem.

@@ -9,16 +9,16 @@ import typer
 
 
 def command(
-    repo: str = typer.Argument("internlm/internlm2-chat-1_8b", help="Hub repo id (OWNER/NAME)."),
-    local_dir: Optional[Path] = typer.Option(None, "--local-dir", help="Folder to put the model in "
+    repo: str = typer.Argument("internlm/internlm2-chat-1_8b", metavar="REPO", help="Hub repo id (OWNER/NAME)."),
+    local_dir: Optional[Path] = typer.Option(None, "--local-dir", metavar="DIR", help="Folder to put the model in "
                                              "(default: ~/models/<name>, or $INTERNLM_KIT_MODELS/<name>)."),
-    source: str = typer.Option("auto", "--source", help="auto | hf | modelscope | local. auto: a local copy if "
+    source: str = typer.Option("auto", "--source", metavar="SOURCE", help="auto | hf | modelscope | local. auto: a local copy if "
                                "there is one, else the hub, else ModelScope when the hub is unreachable."),
-    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hub endpoint or mirror, e.g. "
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", metavar="URL", help="Hub endpoint or mirror, e.g. "
                                            "https://hf-mirror.com (default: $HF_ENDPOINT or huggingface.co)."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit (default: main)."),
-    from_dir: Optional[Path] = typer.Option(None, "--from", help="Copy (or hard-link) from this folder."),
-    include: Optional[List[str]] = typer.Option(None, "--include", help="Only files matching this glob "
+    revision: Optional[str] = typer.Option(None, "--revision", metavar="REV", help="Branch, tag or commit (default: main)."),
+    from_dir: Optional[Path] = typer.Option(None, "--from", metavar="DIR", help="Copy (or hard-link) from this folder."),
+    include: Optional[List[str]] = typer.Option(None, "--include", metavar="GLOB", help="Only files matching this glob "
                                                 "(repeatable), e.g. --include '*.json'."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the files, sizes and what would be fetched; "
                                  "change nothing."),

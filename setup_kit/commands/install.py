@@ -24,7 +24,7 @@ def command(
     rollback: bool = typer.Option(False, "--rollback",
                                   help="Restore the target to its latest snapshot (or SNAPSHOT) exactly, "
                                        "removing what was installed since."),
-    snapshot: Optional[str] = typer.Argument(None, metavar="[SNAPSHOT]",
+    snapshot: Optional[str] = typer.Argument(None, metavar="SNAPSHOT",
                                              help="With --rollback: the snapshot id or .json path (default: latest)."),
     list_profiles: bool = typer.Option(False, "--list-profiles", help="List the profiles and exit."),
     list_snapshots: bool = typer.Option(False, "--list-snapshots", help="List the snapshots of the target and exit."),
