@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import os
+import threading
 from pathlib import Path
 
 from setup_kit.errors import KitError
@@ -34,22 +37,81 @@ def not_installed_error(context: str = "") -> KitError:
         "or --from DIR if the files are already on this machine.")
 
 
-def fetch_from_modelscope(repo: str, revision: str | None, local_dir: Path, include: list[str] | None) -> str:
-    """Download with ModelScope into ``local_dir``; returns the ModelScope model id used."""
+def fetch_from_modelscope(repo: str, revision: str | None, local_dir: Path,
+                          include: list[str] | None) -> tuple[str, int | None]:
+    """Download with ModelScope into ``local_dir``; returns the ModelScope model id used and the bytes
+    ModelScope received this run (None where this modelscope cannot report them)."""
     if not modelscope_available():
         raise not_installed_error()
     from modelscope import snapshot_download  # type: ignore[import-not-found]
 
     model_id = modelscope_name(repo)
+    accepted = inspect.signature(snapshot_download).parameters
+    if "local_dir" not in accepted:  # 1.9 and older only fill their own cache
+        raise KitError(f"this modelscope ({_version()}) cannot download into a chosen folder (no local_dir).",
+                       "pip install -U modelscope   (then run this again), or use --source hf.")
     kwargs = {"local_dir": str(local_dir)}
     if revision and revision != "main":
         kwargs["revision"] = revision
-    if include:
-        kwargs["allow_patterns"] = include
+    if include:  # fnmatch globs in both; 1.15 knows only the older name
+        kwargs["allow_patterns" if "allow_patterns" in accepted else "allow_file_pattern"] = include
+    received = [0] if "progress_callbacks" in accepted else None
+    if received is not None:
+        kwargs["progress_callbacks"] = [_counting_callback(received)]
     try:
         snapshot_download(model_id, **kwargs)
     except Exception as exc:  # modelscope raises many kinds; each means "this source failed"
-        raise KitError(f"ModelScope could not provide {model_id}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                       "check the connection to modelscope.cn, or try the hub or a mirror "
-                       "(--source hf --endpoint https://hf-mirror.com).") from None
-    return model_id
+        raise _failure(model_id, exc) from None
+    return model_id, None if received is None else received[0]
+
+
+def _counting_callback(received: list[int]) -> type:
+    """ModelScope instantiates each callback class per file and calls ``update(n)`` for every chunk it
+    writes (negative for what it throws away when a file starts over), so the sum is what this run fetched."""
+    lock = threading.Lock()
+
+    class CountBytes:
+        def __init__(self, filename: str, file_size: int):
+            pass
+
+        def update(self, size: int) -> None:
+            with lock:
+                received[0] += size
+
+        def end(self) -> None:
+            pass
+
+    return CountBytes
+
+
+def _failure(model_id: str, exc: Exception) -> KitError:
+    """One paragraph naming the files that failed and why: a download error lists them in ``failed_files``
+    (modelscope >= 1.38); a file whose bytes did not match ModelScope's sha256/size is a different problem
+    from an unreachable server and gets a different fix."""
+    failed = getattr(exc, "failed_files", None) or {}
+    if failed:
+        details = "; ".join(f"{path}: {_first_line(err)}" for path, err in list(failed.items())[:4])
+        message = f"ModelScope could not provide {len(failed)} file(s) of {model_id}: {details}"
+    else:
+        message = f"ModelScope could not provide {model_id}: {type(exc).__name__}: {_first_line(exc)}"
+    if any(cls.__name__ == "FileIntegrityError" for err in [exc, *failed.values()] for cls in type(err).__mro__):
+        return KitError(message, "ModelScope served bytes that do not match the sha256/size it lists, "
+                        "and they were not kept; run it again later (files that arrived intact are kept), or use "
+                        "the hub or a mirror (--source hf --endpoint https://hf-mirror.com).")
+    where = os.environ.get("MODELSCOPE_ENDPOINT") or os.environ.get("MODELSCOPE_DOMAIN") or "modelscope.cn"
+    return KitError(message, f"check the connection to {where}, or try the hub or a mirror "
+                             "(--source hf --endpoint https://hf-mirror.com).")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("modelscope")
+    except PackageNotFoundError:
+        return "unknown version"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import threading
@@ -113,6 +114,8 @@ def download(req: DownloadRequest, console: Console | None = None) -> DownloadRe
 
 def auto(req: DownloadRequest, console: Console) -> DownloadResult:
     src = req.from_dir or local.find_shared_copy(req.repo, modelscope.modelscope_name(req.repo))
+    if not _hub_client_installed():
+        return _auto_without_hub_client(req, src, console)
     endpoint = hub.resolve_endpoint(req.endpoint)
     if not req.recheck and _verified_here(req):
         console.print(f"{req.local_dir} already holds a verified download; asking {endpoint} whether it changed")
@@ -146,6 +149,25 @@ def auto(req: DownloadRequest, console: Console) -> DownloadResult:
         return from_modelscope(req, console)
 
 
+def _hub_client_installed() -> bool:
+    return importlib.util.find_spec("huggingface_hub") is not None
+
+
+def _auto_without_hub_client(req: DownloadRequest, src: Path | None, console: Console) -> DownloadResult:
+    """The core install has no huggingface_hub (the chat extra brings it): the hub cannot be asked, so a
+    local copy is checked on its own, and without one ModelScope is the source."""
+    if src is not None:
+        console.print(f"huggingface_hub is not installed: placing the local copy at {src}, checked on its own")
+        return from_local(req, Path(src), console)
+    if not modelscope.modelscope_available():
+        raise KitError("neither huggingface_hub nor modelscope is installed, so nothing can download the model.",
+                       "pip install huggingface_hub (or internlm-kit[chat]) for the hub, or pip install modelscope; "
+                       "or --from DIR if the files are already on this machine.")
+    console.print(f"huggingface_hub is not installed, so the hub cannot be used; "
+                  f"trying ModelScope ({modelscope.modelscope_name(req.repo)}) instead")
+    return from_modelscope(req, console)
+
+
 def _verified_here(req: DownloadRequest) -> bool:
     saved = _load_manifest(req.local_dir, req.repo)
     if saved is None:
@@ -158,6 +180,10 @@ def _verified_here(req: DownloadRequest) -> bool:
 
 
 def from_hub(req: DownloadRequest, console: Console) -> DownloadResult:
+    if not _hub_client_installed():
+        raise KitError("the `huggingface_hub` package is not installed, so the hub cannot be used.",
+                       "pip install huggingface_hub (or internlm-kit[chat]), or use --source modelscope, "
+                       "or --from DIR if the files are already on this machine.")
     endpoint = hub.resolve_endpoint(req.endpoint)
     revision = req.revision or "main"
     if hub.offline_mode():
@@ -321,11 +347,7 @@ def from_local(req: DownloadRequest, src: Path, console: Console) -> DownloadRes
         if hows:
             kinds = sorted(set(hows.values()))
             console.print(f"{len(hows)} file(s) {' and '.join(kinds)} from {src}")
-    if req.include:  # a selection: the index may name shards that were left out on purpose
-        problems = [f"{rf.path}: {problem}" for rf in files if rf.path.endswith(".safetensors")
-                    and (problem := local.safetensors_problem(req.local_dir / rf.path))]
-    else:
-        problems = local.structure_problems(req.local_dir)
+    problems = _placed_problems(req.local_dir, files, req.include)
     mismatched = [f.path for f in files if (req.local_dir / f.path).stat().st_size != f.size]
     if problems or mismatched:
         raise KitError(f"the copy in {req.local_dir} does not check out: {'; '.join((problems + mismatched)[:4])}.",
@@ -333,6 +355,15 @@ def from_local(req: DownloadRequest, src: Path, console: Console) -> DownloadRes
     return _result(req, manifest, "local", plan, verified=True,
                    verification=f"copied from {src}: sizes, safetensors headers and the shard index checked "
                                 "(no hub metadata used)")
+
+
+def _placed_problems(local_dir: Path, files: list[RemoteFile], include: list[str] | None) -> list[str]:
+    """What the files themselves prove wrong: the whole folder's structure, or for a selection (whose
+    index may name shards left out on purpose) each selected safetensors file's header."""
+    if include:
+        return [f"{rf.path}: {problem}" for rf in files if rf.path.endswith(".safetensors")
+                and (problem := local.safetensors_problem(local_dir / rf.path))]
+    return local.structure_problems(local_dir)
 
 
 def _already_placed(src: Path, dest: Path) -> bool:
@@ -357,15 +388,18 @@ def from_modelscope(req: DownloadRequest, console: Console) -> DownloadResult:
         raise KitError("--dry-run needs the hub's file list, which ModelScope's client does not give.",
                        "run --dry-run with --source hf (or a mirror endpoint).")
     req.local_dir.mkdir(parents=True, exist_ok=True)
-    model_id = modelscope.fetch_from_modelscope(req.repo, req.revision, req.local_dir, req.include)
-    files = local.list_local_files(req.local_dir, None)
-    problems = local.structure_problems(req.local_dir)
+    model_id, received = modelscope.fetch_from_modelscope(req.repo, req.revision, req.local_dir, req.include)
+    files = local.list_local_files(req.local_dir, req.include)
+    if req.include and not files:
+        raise KitError(f"ModelScope's {model_id} has no files matching --include {' '.join(req.include or [])}.",
+                       "check the globs (they match paths in the repo, e.g. '*.json'), or drop --include.")
+    problems = _placed_problems(req.local_dir, files, req.include)
     if problems:
         raise KitError(f"ModelScope's copy of {model_id} in {req.local_dir} does not check out: {'; '.join(problems[:4])}.",
                        "run it again to let ModelScope repair it, or use --source hf.")
     manifest = Manifest(req.repo, req.revision or "master", None, files)
     plan = Plan(manifest, req.local_dir, [FileState(f, "verified") for f in files])
-    return _result(req, manifest, "modelscope", plan, verified=True,
+    return _result(req, manifest, "modelscope", plan, verified=True, transferred=received or 0,
                    verification=f"ModelScope ({model_id}) checked its hashes; sizes, safetensors headers and index checked here")
 
 
