@@ -26,6 +26,8 @@ class IncrementalDecoder:
         self._read = 0  # everything before this has been emitted
         self._context: list[int] = []  # a shown token decoded before the window, for spacing
         self._bytes: dict[int, int | None] = {}  # token id -> the byte it stands for, if any
+        # Skipped special tokens decode to nothing: a byte run continues across them.
+        self._hidden = set(getattr(tokenizer, "all_special_ids", ())) if skip_special_tokens else set()
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
@@ -55,7 +57,7 @@ class IncrementalDecoder:
         leading space is decoded as it is mid-sentence, not stripped as at the start of text)."""
         self._prefix = self._read
         self._context = next(([t] for t in reversed(self._ids[:self._read])
-                              if self._byte(t) is None), [])
+                              if self._byte(t) is None and t not in self._hidden), [])
 
     def _byte(self, token_id: int) -> int | None:
         """The byte a byte-fallback piece (`<0xE4>`) stands for; None for any other token."""
@@ -68,7 +70,7 @@ class IncrementalDecoder:
 
     def _completes(self, held: list[int], byte: int) -> bool:
         """Whether the held tokens are bytes that `byte` continues towards a valid character."""
-        held_bytes = [self._byte(t) for t in held]
+        held_bytes = [self._byte(t) for t in held if t not in self._hidden]
         # Only the byte run at the end of what is held can be continued (a held "▁" before it,
         # not yet shown, must not hide a broken run from this check).
         while held_bytes and held_bytes[0] is None:

@@ -57,7 +57,7 @@ def load_remote_code_model(model_dir: Path, device: str = "auto", dtype: str = "
         tokenizer = AutoTokenizer.from_pretrained(str(folder.path), trust_remote_code=True)
         model = AutoModelForCausalLM.from_pretrained(str(folder.path), trust_remote_code=True,
                                                      torch_dtype=torch_dtype)
-    except (ImportError, AttributeError, TypeError, ValueError, OSError) as exc:
+    except Exception as exc:  # the model's own code: it may raise anything (protobuf's VersionError)
         raise KitError(f"The model's remote code failed to load: {type(exc).__name__}: {exc}",
                        fix=f"`internlm-kit doctor --model {folder.path}` names the cause; or chat "
                            f"without remote code: internlm-kit chat --engine native --model "
