@@ -15,22 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.venvs import make_venv, pip_install
-
-ROOT = Path(__file__).resolve().parent.parent
-
-# The tutorial profile's model stack, with this machine's CPU torch instead of its CUDA 12.1 build.
-TUTORIAL_STACK = ["torch==2.13.0", "transformers==4.38.2", "tokenizers==0.15.2", "huggingface-hub==0.24.6",
-                  "safetensors==0.4.3", "sentencepiece", "protobuf==5.27.2", "accelerate==0.33.0",
-                  "numpy<2", "typer", "rich", "packaging", "httpx"]
-
-
-@pytest.fixture(scope="session")
-def tutorial_stack_venv(tmp_path_factory) -> Path:
-    python = make_venv(tmp_path_factory.mktemp("venv-tutorial-stack") / "venv")
-    pip_install(python, *TUTORIAL_STACK)
-    pip_install(python, "--no-deps", "-e", str(ROOT))
-    return python
+# `tutorial_stack_venv` (fixtures.venvs): transformers 4.38.2, CPU torch, the kit installed.
 
 
 def greedy_reply(python: Path, model: Path, state: Path) -> dict:
