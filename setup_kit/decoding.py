@@ -26,7 +26,10 @@ class IncrementalDecoder:
         self._read = 0  # everything before this has been emitted
         self._context: list[int] = []  # a shown token decoded before the window, for spacing
         self._bytes: dict[int, int | None] = {}  # token id -> the byte it stands for, if any
-        # Skipped special tokens decode to nothing: a byte run continues across them.
+        # Skipped special tokens never enter the window: the stream reads as if they were not
+        # there, which is what decode(skip_special_tokens=True) spells, but without letting the
+        # tokenizer merge the byte runs on either side of one (it would turn a broken byte and the
+        # valid ones after it into U+FFFD together).
         self._hidden = set(getattr(tokenizer, "all_special_ids", ())) if skip_special_tokens else set()
 
     def _decode(self, ids: list[int]) -> str:
@@ -35,6 +38,8 @@ class IncrementalDecoder:
     def push(self, token_id: int) -> str:
         """Add one token; return the text that is now safe to show (maybe empty)."""
         token_id = int(token_id)
+        if token_id in self._hidden:
+            return ""
         out = ""
         byte = self._byte(token_id)
         if byte is not None:
@@ -57,7 +62,7 @@ class IncrementalDecoder:
         leading space is decoded as it is mid-sentence, not stripped as at the start of text)."""
         self._prefix = self._read
         self._context = next(([t] for t in reversed(self._ids[:self._read])
-                              if self._byte(t) is None and t not in self._hidden), [])
+                              if self._byte(t) is None), [])
 
     def _byte(self, token_id: int) -> int | None:
         """The byte a byte-fallback piece (`<0xE4>`) stands for; None for any other token."""
@@ -70,7 +75,7 @@ class IncrementalDecoder:
 
     def _completes(self, held: list[int], byte: int) -> bool:
         """Whether the held tokens are bytes that `byte` continues towards a valid character."""
-        held_bytes = [self._byte(t) for t in held if t not in self._hidden]
+        held_bytes = [self._byte(t) for t in held]
         # Only the byte run at the end of what is held can be continued (a held "▁" before it,
         # not yet shown, must not hide a broken run from this check).
         while held_bytes and held_bytes[0] is None:
@@ -89,10 +94,6 @@ class IncrementalDecoder:
     def flush(self) -> str:
         """Whatever is still held, broken characters shown as U+FFFD."""
         return self._emit(force=True)
-
-    @property
-    def token_ids(self) -> list[int]:
-        return list(self._ids)
 
     def _emit(self, *, force: bool) -> str:
         if self._read == len(self._ids):

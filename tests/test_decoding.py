@@ -143,3 +143,27 @@ def test_a_newline_byte_after_a_broken_byte_is_kept(tokenizer):
            + tokenizer.encode("next", add_special_tokens=False))
     text = "".join(stream(tokenizer, ids))
     assert text.startswith("line" + REPLACEMENT + "\n") and text.endswith("next")
+
+
+def test_a_skipped_special_token_inside_a_byte_run_loses_no_valid_text(tokenizer):
+    # Seen on the tiny model: <0xCC> <s> <0x4B>... ; the hidden <s> must neither join the broken
+    # byte to the valid ones after it (decoded together they became "��") nor split a valid run.
+    bos = tokenizer.convert_tokens_to_ids("<s>")
+    ids = byte_ids(tokenizer, b"\xcc") + [bos] + byte_ids(tokenizer, b"K~\x1e")
+    assert "".join(stream(tokenizer, ids)) == REPLACEMENT + "K~\x1e"
+    smile = byte_ids(tokenizer, "🙂".encode())
+    ids = smile[:2] + [bos] + smile[2:] + tokenizer.encode("ok", add_special_tokens=False)
+    assert "".join(stream(tokenizer, ids)).endswith("ok")
+
+
+def test_random_streams_with_special_tokens_in_them_never_drop_a_character(tokenizer):
+    rng = random.Random(1)
+    space_byte = tokenizer.convert_tokens_to_ids("<0x20>")
+    special = list(tokenizer.all_special_ids)
+    vocab = [i for i in range(len(tokenizer)) if i not in special and i != space_byte]
+    for _ in range(500):
+        ids = [rng.choice(special) if rng.random() < 0.15 else rng.choice(vocab)
+               for _ in range(rng.randint(2, 24))]
+        streamed = "".join(stream(tokenizer, ids))
+        expected = reference_text(tokenizer, [i for i in ids if i not in special])
+        assert streamed.replace(REPLACEMENT, "") == expected.replace(REPLACEMENT, ""), ids
