@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from fixtures.servers import free_port, stop_process, wait_for_http
 
 KIT = str(Path(sys.executable).with_name("internlm-kit"))
@@ -52,3 +53,18 @@ def test_unknown_backend_and_missing_model_are_one_paragraph_errors(tmp_path):
     assert done.returncode == 2 and "Unknown backend 'tgi'" in done.stderr
     done = run_kit("serve", "--model", str(tmp_path / "nowhere"))
     assert done.returncode == 1 and "There is no model folder" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_python_without_the_serve_extra_is_told_what_to_install(tutorial_stack_venv, tiny_internlm2_dir):
+    # The tutorial stack has the model packages but not fastapi/uvicorn (no `serve` extra).
+    done = subprocess.run([str(tutorial_stack_venv), "-m", "setup_kit", "serve", "--model",
+                           str(tiny_internlm2_dir)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "fastapi" in done.stderr and "uvicorn" in done.stderr
+    assert f"{tutorial_stack_venv} -m pip install" in done.stderr
+    # The same venv still refuses the remote-code engine for what it is, not for the missing packages.
+    done = subprocess.run([str(tutorial_stack_venv), "-m", "setup_kit", "serve", "--model",
+                           str(tiny_internlm2_dir), "--engine", "remote-code"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "native engine" in done.stderr and "Traceback" not in done.stderr

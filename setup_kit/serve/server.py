@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from setup_kit.errors import UsageError
+from setup_kit.errors import KitError, UsageError
 
-from setup_kit.serve.app import ServedModel, create_app
-from setup_kit.serve.scheduler import BatchScheduler
+if TYPE_CHECKING:
+    from setup_kit.serve.app import ServedModel
+
+# The `serve` extra (pyproject.toml); only the kit backend needs it, not --backend lmdeploy|vllm.
+SERVE_PACKAGES = {"fastapi": "fastapi>=0.110", "uvicorn": "uvicorn>=0.29", "pydantic": "pydantic>=2"}
 
 log = logging.getLogger("internlm_kit.serve")
 
 
 def served_model(model, tokenizer, model_id: str, *, max_batch: int = 8, max_queue: int = 32,
                  eos_ids: set[int] | None = None) -> ServedModel:
+    from setup_kit.serve.app import ServedModel
+    from setup_kit.serve.scheduler import BatchScheduler
+
     if not eos_ids:
         from setup_kit.engines.native import eos_token_ids
 
@@ -38,6 +47,8 @@ def load_served_model(model_dir: Path, model_id: str, *, device: str = "auto", d
 
 def run(served: ServedModel, *, host: str, port: int, api_key: str | None, log_level: str = "info") -> None:
     import uvicorn
+
+    from setup_kit.serve.app import create_app
 
     app = create_app(served, api_key=api_key)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3)
@@ -88,6 +99,7 @@ def serve(options: ServeOptions) -> int:
             "one batch between requests.",
             "Drop --engine remote-code (the native engine runs the same weights without remote code), "
             "or use `internlm-kit chat --engine remote-code` for a single conversation.")
+    require_serve_packages()
     if not options.skip_checks:
         from setup_kit.repl import preflight
 
@@ -107,6 +119,20 @@ def serve(options: ServeOptions) -> int:
                   + ("  (API key required)" if options.api_key else ""))
     run(served, host=options.host, port=options.port, api_key=options.api_key)
     return 0
+
+
+def require_serve_packages() -> None:
+    """A clear error naming the install command when the kit's HTTP stack is not installed here."""
+    missing = [spec for module, spec in SERVE_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        quoted = " ".join(f'"{spec}"' for spec in missing)
+        names = [spec.split(">")[0] for spec in missing]
+        named = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        raise KitError(
+            f"The kit's server needs {named}, which this Python "
+            f"environment ({sys.executable}) does not have (they come with the kit's `serve` extra).",
+            f"{sys.executable} -m pip install {quoted} (or pip install 'internlm-kit[serve]'); "
+            "--backend lmdeploy or vllm does not need them.")
 
 
 def _default_name(model: str | None, model_dir: Path) -> str:
