@@ -25,6 +25,8 @@ def greedy_reply(python: Path, model: Path, state: Path) -> dict:
                          capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stderr
+    # transformers 4.38 warns about its own use of `seq_len` on every chat; the kit drops that line.
+    assert "deprecated" not in run.stderr, run.stderr
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 

@@ -13,6 +13,7 @@ token, sampling on the device, one host sync to read the token, incremental deto
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -104,6 +105,7 @@ def load_model_and_tokenizer(model_dir, device: str = "auto", dtype: str = "auto
         model = _load_llama(folder.path, device, dtype)
         layout = "llama"
     model.eval()
+    _quiet_known_noise()
     _check_vocab(tokenizer, model, folder.path)
     eos = eos_token_ids(model, tokenizer)
     model.generation_config.eos_token_id = eos
@@ -114,6 +116,30 @@ def load_model_and_tokenizer(model_dir, device: str = "auto", dtype: str = "auto
                     context_window=int(model.config.max_position_embeddings),
                     eos_token_ids=eos, gpu_name=gpu)
     return model, tokenizer, info
+
+
+# transformers' own warnings that fire on every chat with a correctly loaded model and need nothing
+# from the user: (logger, text it contains, why it is noise).
+KNOWN_NOISE = [
+    ("transformers.models.llama.modeling_llama", "`seq_len` argument is deprecated",
+     "4.38's dynamic RoPE passes the argument it deprecates to itself"),
+]
+
+
+class _DropKnownNoise(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def _quiet_known_noise() -> None:
+    for name, text, _why in KNOWN_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownNoise) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropKnownNoise(text))
 
 
 def torch_dtype_for(dtype: str):
