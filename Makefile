@@ -8,15 +8,29 @@ PROFILE ?=
 MODEL  ?=
 PYTEST_ARGS ?=
 
+# No PROFILE on a machine with an NVIDIA driver: `internlm-kit install` picks the profile whose torch
+# CUDA build that driver runs (PyPI's default torch is built for a newer CUDA than a 12.2 driver
+# runs). PROFILE=dev keeps the developers' stack (TORCH above) on such a machine too.
+ifeq ($(strip $(PROFILE)),)
+  ifneq ($(shell nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null),)
+    PROFILE := auto
+  endif
+endif
+ifeq ($(strip $(PROFILE)),dev)
+  override PROFILE :=
+endif
+# --profile for install and doctor: none when the kit chooses.
+PROFILE_ARG := $(if $(filter-out auto,$(strip $(PROFILE))),--profile $(strip $(PROFILE)),)
+
 .PHONY: setup test test-fast chat serve doctor bench clean
 
 setup: $(VENV)/.installed
 ifneq ($(strip $(PROFILE)),)
-	$(BIN)/internlm-kit install --profile $(PROFILE) --python $(BIN)/python --yes
+	$(BIN)/internlm-kit install $(PROFILE_ARG) --python $(BIN)/python --yes
 	$(BIN)/python -m pip install -q -e ".[chat,serve,test]"
 endif
 	@echo "--- internlm-kit doctor (what this machine can and cannot do) ---"
-	@$(BIN)/internlm-kit doctor $(if $(strip $(PROFILE)),--profile $(PROFILE),) \
+	@$(BIN)/internlm-kit doctor $(PROFILE_ARG) \
 	  || echo "(the doctor found problems: each one above has its fix)"
 
 # With PROFILE, torch and the model stack come from the profile (resolved first, snapshotted), so

@@ -1,0 +1,67 @@
+"""`make setup` picks the environment by the machine: what `make -n` would run, with fake drivers on PATH.
+
+A real `make setup` on a GPU machine downloads gigabytes; `make -n` evaluates the same conditions
+(the nvidia-smi probe runs for real) and prints the commands, which is what these tests read.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fixtures.gpu import MACHINES, write_fake_nvidia_smi
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+
+
+def planned(tmp_path: Path, path: str, *args: str) -> list[str]:
+    """The commands `make setup` would run for a fresh venv under tmp_path."""
+    env = {**os.environ, "PATH": path}
+    done = subprocess.run(["make", "-n", "-C", str(ROOT), "setup", f"VENV={tmp_path / 'venv'}", *args],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def path_without_nvidia_smi() -> str:
+    return os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                           if not (Path(p) / "nvidia-smi").exists())
+
+
+def with_fake_gpu(tmp_path: Path, kind: str) -> str:
+    write_fake_nvidia_smi(tmp_path / "bin", MACHINES[kind])
+    return os.pathsep.join([str(tmp_path / "bin"), path_without_nvidia_smi()])
+
+
+def install_lines(lines: list[str]) -> list[str]:
+    return [line for line in lines if "internlm-kit install" in line]
+
+
+def test_without_a_gpu_setup_installs_the_dev_stack_and_no_profile(tmp_path):
+    lines = planned(tmp_path, path_without_nvidia_smi())
+    assert any('pip install -q "torch==2.13.0"' in line for line in lines)
+    assert install_lines(lines) == []
+    assert any(line.strip().startswith(f"{tmp_path / 'venv'}/bin/internlm-kit doctor") for line in lines)
+
+
+def test_on_a_cuda_12_2_machine_the_kit_picks_the_profile_the_driver_runs(tmp_path):
+    lines = planned(tmp_path, with_fake_gpu(tmp_path, "a100-535"))
+    # No dev torch first (PyPI's is built for a newer CUDA than driver 535 runs): the install chooses.
+    assert not any("torch==2.13.0" in line for line in lines)
+    [install] = install_lines(lines)
+    assert "--profile" not in install and "--yes" in install
+    assert install.split()[0] == f"{tmp_path / 'venv'}/bin/internlm-kit"
+
+
+def test_a_named_profile_wins_and_profile_dev_keeps_the_dev_stack_on_a_gpu_machine(tmp_path):
+    path = with_fake_gpu(tmp_path, "a100-535")
+    [install] = install_lines(planned(tmp_path, path, "PROFILE=tutorial"))
+    assert "--profile tutorial" in install
+    lines = planned(tmp_path, path, "PROFILE=dev")
+    assert install_lines(lines) == [] and any("torch==2.13.0" in line for line in lines)
