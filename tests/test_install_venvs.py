@@ -191,3 +191,60 @@ def test_at_a_terminal_it_asks_first_and_no_means_nothing_changes(tmp_path, venv
     assert child.exitstatus == 1
     assert "nothing was changed" in child.before
     assert freeze(python) == before and snapshots(tmp_path) == []
+
+
+# An sdist whose metadata can be prepared (so the profile resolves) but whose build always fails: the
+# install's second step fails after the first (torch's group) has already changed the venv.
+BROKEN_BACKEND = '''
+import pathlib
+
+def get_requires_for_build_wheel(config_settings=None):
+    return []
+
+def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
+    info = pathlib.Path(metadata_directory) / "brokenbuild-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\\nName: brokenbuild\\nVersion: 1.0\\n")
+    return info.name
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    raise RuntimeError("brokenbuild cannot be built (a test fixture)")
+'''
+
+
+def broken_sdist(folder: Path) -> Path:
+    import io
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "pyproject.toml": '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n',
+        "backend.py": BROKEN_BACKEND,
+        "PKG-INFO": "Metadata-Version: 2.1\nName: brokenbuild\nVersion: 1.0\n",
+    }
+    with tarfile.open(folder / "brokenbuild-1.0.tar.gz", "w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"brokenbuild-1.0/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return folder
+
+
+def test_a_step_that_fails_after_another_changed_the_venv_is_undone_at_once(tmp_path, venv_with, monkeypatch):
+    python = venv_with("idna==3.6")
+    before = freeze(python)
+    monkeypatch.setenv("PIP_FIND_LINKS", str(broken_sdist(tmp_path / "links")))
+    profile = tmp_path / "half.toml"
+    profile.write_text('name = "half"\nsummary = "fails halfway"\npython = ">=3.8"\ncuda = ""\n\n'
+                       '[torch_source]\nindex_url = ""\nwhy = "test"\n\n'
+                       '[[pin]]\nname = "six"\nversion = "1.16.0"\nwhy = "installs first"\ngroup = "torch"\n\n'
+                       '[[pin]]\nname = "idna"\nversion = "3.7"\nwhy = "an upgrade"\n\n'
+                       '[[pin]]\nname = "brokenbuild"\nversion = "1.0"\nwhy = "fails to build"\n')
+    result = kit("--profile", str(profile), "--python", str(python), "--yes", state=tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    kit_part, _, error = result.stderr.partition("internlm-kit: error:")
+    assert "Traceback" not in kit_part and "failed at" in error and "brokenbuild" in error  # pip's tail follows
+    assert "put back exactly as it was" in result.stderr
+    assert freeze(python) == before  # six (installed by the first step) is gone again

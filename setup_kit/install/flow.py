@@ -187,7 +187,7 @@ def _install(options: InstallOptions, console, scratch: list[Path], outcomes: li
 
 def run_install(plan, before, outcome: InstallOutcome, console, options: InstallOptions) -> None:
     from setup_kit.install.execute import failure_tail, log_path, run_steps
-    from setup_kit.install.snapshot import save_snapshot
+    from setup_kit.install.snapshot import list_installed, restore_plan, save_snapshot
 
     target = plan.target
     snapshot = save_snapshot(target, before, f"before install --profile {plan.profile.name}", plan.profile.name)
@@ -205,12 +205,25 @@ def run_install(plan, before, outcome: InstallOutcome, console, options: Install
                        f"Undo it with `{rollback_command(target, snapshot.id)}`, or run the install again.",
                        exit_code=130) from None
     failed = next((r for r in results if r.code != 0), None)
-    if failed is not None:
-        raise KitError(f"The install of profile {plan.profile.name} failed at `{show_command(failed.argv)}` "
-                       f"(exit {failed.code}); the environment may be partly changed. Full log: {log}\n    "
-                       f"{failure_tail(failed)}",
-                       f"Undo it with `{rollback_command(target, snapshot.id)}`, then fix the cause above "
-                       f"and run the install again.")
+    if failed is None:
+        return
+    what = (f"The install of profile {plan.profile.name} failed at `{show_command(failed.argv)}` "
+            f"(exit {failed.code})")
+    # Never leave the target half-changed: an earlier step (torch) may have gone through.
+    if restore_plan(snapshot, list_installed(target)).empty:
+        kept = "nothing was changed"
+    else:
+        console.print(f"[yellow]The install failed: putting {escape(target.python)} back as snapshot "
+                      f"{snapshot.id} recorded it.[/]", highlight=False)
+        try:
+            _restore(target, snapshot, console, options.verbose)
+            kept = f"the environment was put back exactly as it was (snapshot {snapshot.id})"
+            outcome.changed = False
+        except KitError as exc:
+            raise KitError(f"{what}, and putting the environment back failed too: {exc.message}",
+                           exc.fix) from None
+    raise KitError(f"{what}; {kept}. Full log: {log}\n    {failure_tail(failed)}",
+                   "Fix the cause above and run the install again.")
 
 
 def rollback_command(target: Target, snapshot_id: str) -> str:
@@ -240,10 +253,7 @@ def verify_outcome(outcome: InstallOutcome, profile, target: Target, console, op
 
 def rollback(options: InstallOptions, snapshot_name: str | None, console) -> InstallOutcome:
     """Put the target back exactly as a snapshot recorded it."""
-    from setup_kit.install.execute import failure_tail, log_path, run_steps
-    from setup_kit.install.plan import index_problem
-    from setup_kit.install.snapshot import (find_snapshot, list_installed, restore_commands, restore_plan,
-                                            save_snapshot, torch_build_index)
+    from setup_kit.install.snapshot import find_snapshot, list_installed, restore_plan
 
     require_consent(options)
     python = str(options.venv.expanduser() / "bin" / "python") if options.venv else options.python
@@ -253,17 +263,33 @@ def rollback(options: InstallOptions, snapshot_name: str | None, console) -> Ins
                              reason=snapshot.reason)
     console.print(f"Rolling {escape(target.python)} back to snapshot {snapshot.id} "
                   f"(taken {snapshot.created}, {escape(snapshot.reason)})", highlight=False)
-    now = list_installed(target)
-    plan = restore_plan(snapshot, now)
-    if plan.empty:
+    if restore_plan(snapshot, list_installed(target)).empty:
         console.print(f"Nothing to do: the environment already matches snapshot {snapshot.id}.")
         return outcome
+    _restore(target, snapshot, console, options.verbose, outcome=outcome, options=options)
+    return outcome
+
+
+def _restore(target: Target, snapshot, console, verbose: bool, *, outcome: InstallOutcome | None = None,
+             options: InstallOptions | None = None) -> None:
+    """Reinstall and remove until the target matches the snapshot exactly, or raise KitError.
+
+    With `options`, the changes are shown and confirmed first (`--rollback`); without, it runs at once
+    (undoing a failed install, which the user already agreed to change)."""
+    from setup_kit.install.execute import failure_tail, log_path, run_steps
+    from setup_kit.install.plan import index_problem
+    from setup_kit.install.snapshot import (list_installed, restore_commands, restore_plan, save_snapshot,
+                                            torch_build_index)
+
+    now = list_installed(target)
+    plan = restore_plan(snapshot, now)
     index = torch_build_index(plan)
     if index and (problem := index_problem(index)):
-        outcome.notes.append(f"{index} cannot be reached ({problem}): old torch builds come from your configured indexes")
+        if outcome is not None:
+            outcome.notes.append(f"{index} cannot be reached ({problem}): old torch builds come from your "
+                                 "configured indexes")
         index = None
     commands = restore_commands(target, plan, index)
-    outcome.commands = [show_command(c) for c in commands]
     for name in plan.remove:
         console.print(f"  [red]- {escape(name)} {now.distributions[_key(name)].version}[/] (added since)", highlight=False)
     for entry in plan.reinstall:
@@ -271,13 +297,17 @@ def rollback(options: InstallOptions, snapshot_name: str | None, console) -> Ins
         was = f"{current.version} -> " if current else ""
         console.print(f"  [cyan]= {escape(entry['name'])} {was}{escape(entry['version'])}[/]", highlight=False)
     console.print(f"  ({plan.unchanged} distributions unchanged)")
-    confirm(options, f"Roll {target.python} back to {snapshot.id}?")
-    undo = save_snapshot(target, now, f"before rollback to {snapshot.id}", "before-rollback")
-    outcome.notes.append(f"the state before this rollback is snapshot {undo.id}")
-    outcome.changed = True
+    undo = None
+    if options is not None:
+        outcome.commands = [show_command(c) for c in commands]
+        confirm(options, f"Roll {target.python} back to {snapshot.id}?")
+        undo = save_snapshot(target, now, f"before rollback to {snapshot.id}", "before-rollback")
+        outcome.notes.append(f"the state before this rollback is snapshot {undo.id}")
+        outcome.changed = True
     log = log_path("rollback")
-    outcome.log = str(log)
-    results = run_steps(commands, console, options.verbose, log, "Restoring")
+    if outcome is not None:
+        outcome.log = str(log)
+    results = run_steps(commands, console, verbose, log, "Restoring")
     failed = next((r for r in results if r.code != 0), None)
     left = restore_plan(snapshot, list_installed(target))
     if failed is not None or not left.empty:
@@ -286,9 +316,9 @@ def rollback(options: InstallOptions, snapshot_name: str | None, console) -> Ins
         raise KitError(f"The rollback to {snapshot.id} did not complete: {why}. Log: {log}",
                        f"Fix the cause and run `{rollback_command(target, snapshot.id)}` again "
                        f"(it only redoes what still differs).")
-    console.print(f"[green]Restored {escape(target.python)} to snapshot {snapshot.id} exactly.[/] "
-                  f"(undo: {escape(rollback_command(target, undo.id))})", highlight=False)
-    return outcome
+    tail = f" (undo: {escape(rollback_command(target, undo.id))})" if undo else ""
+    console.print(f"[green]Restored {escape(target.python)} to snapshot {snapshot.id} exactly.[/]{tail}",
+                  highlight=False)
 
 
 def _key(name: str) -> str:
