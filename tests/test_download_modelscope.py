@@ -158,6 +158,21 @@ def test_include_fetches_only_the_selection_and_does_not_ask_for_the_rest(models
     assert {p.name for p in dest.iterdir()} == selected
 
 
+def test_exclude_reaches_modelscope_and_the_index_naming_left_out_shards_still_checks(
+        modelscope_venv, modelscope_hub, modelscope_repo, tmp_path):
+    dest = tmp_path / "m"
+
+    proc = kit(modelscope_venv, ["--source", "modelscope", "--exclude", "*.safetensors", "--local-dir", str(dest),
+                                 "--json"], ms_env(modelscope_hub.url, tmp_path))
+
+    assert proc.returncode == 0, proc.stderr
+    selected = {p for p in modelscope_repo.files if not p.endswith(".safetensors")}
+    assert "model.safetensors.index.json" in selected
+    assert {f["path"] for f in json.loads(proc.stdout)["files"]} == selected
+    assert set(modelscope_hub.file_gets()) == selected  # modelscope itself was told to leave the shards
+    assert not list(dest.glob("*.safetensors"))
+
+
 def test_an_unreachable_modelscope_says_which_endpoint_failed(modelscope_venv, tmp_path):
     proc = kit(modelscope_venv, ["--source", "modelscope", "--local-dir", str(tmp_path / "m")],
                ms_env(NO_HUB, tmp_path, MODELSCOPE_REPO_TREE_PAGE_MAX_ATTEMPTS="1"))

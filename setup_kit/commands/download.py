@@ -20,6 +20,11 @@ def command(
     from_dir: Optional[Path] = typer.Option(None, "--from", metavar="DIR", help="Copy (or hard-link) from this folder."),
     include: Optional[List[str]] = typer.Option(None, "--include", metavar="GLOB", help="Only files matching this glob "
                                                 "(repeatable), e.g. --include '*.json'."),
+    exclude: Optional[List[str]] = typer.Option(None, "--exclude", metavar="GLOB", help="Leave out files matching "
+                                                "this glob (repeatable; applied after --include), e.g. --exclude '*.bin'."),
+    token: Optional[str] = typer.Option(None, "--token", metavar="TOKEN", show_default=False, help="Hub access token "
+                                        "for gated or private repos (default: $HF_TOKEN or the `hf auth login` one); "
+                                        "with --source modelscope, a ModelScope token."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the files, sizes and what would be fetched; "
                                  "change nothing."),
     recheck: bool = typer.Option(False, "--recheck", help="Hash every file again, even those verified by an "
@@ -38,7 +43,8 @@ def command(
     err = Console(stderr=True, soft_wrap=True)
     result = download(DownloadRequest(repo=repo, local_dir=local_dir, source=source, endpoint=endpoint,
                                       revision=revision, from_dir=from_dir, include=include or None,
-                                      dry_run=dry_run, progress=not as_json, recheck=recheck), console=err)
+                                      exclude=exclude or None, token=token, dry_run=dry_run,
+                                      progress=not as_json, recheck=recheck), console=err)
     if as_json:
         print(json.dumps(result.to_json(), indent=2))
         return

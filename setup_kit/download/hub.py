@@ -66,18 +66,19 @@ def download_timeout() -> float:
 # ---------------------------------------------------------------- the file list
 
 
-def fetch_manifest(repo: str, revision: str, endpoint: str) -> Manifest:
-    """The repo's files at ``revision``, with sizes and the hashes the hub publishes."""
+def fetch_manifest(repo: str, revision: str, endpoint: str, token: str | None = None) -> Manifest:
+    """The repo's files at ``revision``, with sizes and the hashes the hub publishes. ``token`` None lets
+    huggingface_hub use HF_TOKEN or the saved login, as ``hf download`` does."""
     from huggingface_hub import HfApi
 
-    api = HfApi(endpoint=endpoint, library_name="internlm-kit", library_version=__version__)
+    api = HfApi(endpoint=endpoint, token=token, library_name="internlm-kit", library_version=__version__)
     with hub_errors(repo, revision, endpoint):
         info = api.model_info(repo, revision=revision, files_metadata=True, timeout=download_timeout())
         commit = info.sha
         files = []
         for s in info.siblings or []:
             if s.size is None:  # some mirrors answer without file metadata: ask per file
-                files.append(_file_from_head(repo, s.rfilename, commit or revision, endpoint))
+                files.append(_file_from_head(repo, s.rfilename, commit or revision, endpoint, token))
             else:
                 files.append(RemoteFile(s.rfilename, s.size, s.lfs.sha256 if s.lfs else None, s.blob_id))
     if not files:
@@ -86,10 +87,10 @@ def fetch_manifest(repo: str, revision: str, endpoint: str) -> Manifest:
     return Manifest(repo, revision, commit, files)
 
 
-def _file_from_head(repo: str, path: str, revision: str, endpoint: str) -> RemoteFile:
+def _file_from_head(repo: str, path: str, revision: str, endpoint: str, token: str | None) -> RemoteFile:
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
-    meta = get_hf_file_metadata(hf_hub_url(repo, path, revision=revision, endpoint=endpoint),
+    meta = get_hf_file_metadata(hf_hub_url(repo, path, revision=revision, endpoint=endpoint), token=token,
                                 timeout=download_timeout(), endpoint=endpoint)
     etag = (meta.etag or "").lower()
     if meta.size is None:
@@ -149,14 +150,14 @@ class Fetched:
 
 
 def fetch_file(manifest: Manifest, rf: RemoteFile, local_dir: Path, endpoint: str,
-               record: VerifiedRecord, on_bytes=None) -> Fetched:
+               record: VerifiedRecord, on_bytes=None, token: str | None = None) -> Fetched:
     """Bring ``rf`` into ``local_dir``: continue its partial, hash while writing, move it in place
     only when size and hash match. Wrong bytes are thrown away and fetched once more."""
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
     url = hf_hub_url(manifest.repo, rf.path, revision=manifest.commit or manifest.revision, endpoint=endpoint)
-    headers = build_hf_headers(library_name="internlm-kit", library_version=__version__)
+    headers = build_hf_headers(token=token, library_name="internlm-kit", library_version=__version__)
     part = partial_path(local_dir, rf)
     part.parent.mkdir(parents=True, exist_ok=True)
     adopt_hf_orphan(local_dir, rf)

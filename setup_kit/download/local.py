@@ -9,14 +9,13 @@ copy has its source's size.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import shutil
 import struct
 from pathlib import Path
 
-from setup_kit.download.manifest import RemoteFile
+from setup_kit.download.manifest import RemoteFile, Selection
 
 SHARE_ROOTS = ("/root/share", "/share")
 SKIP_DIRS = {".git", ".cache", "__pycache__"}
@@ -46,14 +45,14 @@ def find_shared_copy(repo: str, modelscope_name: str | None) -> Path | None:
     return None
 
 
-def list_local_files(src: Path, include: list[str] | None) -> list[RemoteFile]:
+def list_local_files(src: Path, selection: Selection = Selection()) -> list[RemoteFile]:
     files = []
     for dirpath, dirnames, filenames in os.walk(src, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
         for name in sorted(filenames):
             path = Path(dirpath) / name
             rel = path.relative_to(src).as_posix()
-            if include and not any(fnmatch.fnmatch(rel, pat) for pat in include):
+            if not selection.keeps(rel):
                 continue
             if not path.exists():  # a dangling link in the share: leave it out, the check will notice
                 continue

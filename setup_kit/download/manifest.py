@@ -30,6 +30,30 @@ class RemoteFile:
         return "sha256" if self.sha256 else ("git-sha1" if self.git_sha1 else "size")
 
 
+@dataclass(frozen=True)
+class Selection:
+    """``--include`` and ``--exclude`` with ``hf download``'s meaning: a file is kept when it matches an
+    include glob (any file, when none are given) and no exclude glob. Every source filters with this."""
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, include: list[str] | None, exclude: list[str] | None) -> "Selection":
+        return cls(tuple(include or ()), tuple(exclude or ()))
+
+    def __bool__(self) -> bool:
+        """True when only part of the repo is wanted (an index may then name files left out on purpose)."""
+        return bool(self.include or self.exclude)
+
+    def keeps(self, path: str) -> bool:
+        if self.include and not any(fnmatch.fnmatch(path, pat) for pat in self.include):
+            return False
+        return not any(fnmatch.fnmatch(path, pat) for pat in self.exclude)
+
+    def describe(self) -> str:
+        return " ".join([*(f"--include {p}" for p in self.include), *(f"--exclude {p}" for p in self.exclude)])
+
+
 @dataclass
 class Manifest:
     repo: str
@@ -41,17 +65,26 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
-    def select(self, include: list[str] | None) -> "Manifest":
-        """Keep the files matching any of the ``--include`` globs (all of them when none are given)."""
-        if not include:
+    def select(self, selection: Selection) -> "Manifest":
+        """Keep the files the ``--include``/``--exclude`` globs select (all of them when none are given)."""
+        if not selection:
             return self
-        kept = [f for f in self.files if any(fnmatch.fnmatch(f.path, pat) for pat in include)]
+        kept = [f for f in self.files if selection.keeps(f.path)]
         if not kept:
-            raise UsageError(
-                f"--include {' '.join(include)} matches none of the {len(self.files)} files in "
-                f"{self.repo}: {', '.join(f.path for f in self.files[:8])}{' ...' if len(self.files) > 8 else ''}.",
-                "use a glob that matches file names in the repo, e.g. --include '*.json', or drop --include.")
+            raise nothing_selected(selection, f"the {len(self.files)} files in {self.repo}",
+                                   [f.path for f in self.files])
         return Manifest(self.repo, self.revision, self.commit, kept)
+
+
+def nothing_selected(selection: Selection, where: str, names: list[str]) -> KitError:
+    """The globs left nothing: say which, and what there was to choose from."""
+    listed = f": {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}" if names else ""
+    if selection.include and not any(Selection(selection.include).keeps(n) for n in names):
+        return UsageError(f"--include {' '.join(selection.include)} matches none of {where}{listed}.",
+                          "use a glob that matches file names in the repo, e.g. --include '*.json', or drop --include.")
+    return KitError(f"{selection.describe()} leaves none of {where}{listed}.",
+                    "loosen --exclude (or widen --include) so at least one file is kept; the globs match paths "
+                    "in the repo, e.g. --exclude '*.bin'.")
 
 
 @dataclass

@@ -7,6 +7,7 @@ import os
 import threading
 from pathlib import Path
 
+from setup_kit.download.manifest import Selection
 from setup_kit.errors import KitError
 
 # Hub repo -> ModelScope model id, where the names differ.
@@ -37,10 +38,11 @@ def not_installed_error(context: str = "") -> KitError:
         "or --from DIR if the files are already on this machine.")
 
 
-def fetch_from_modelscope(repo: str, revision: str | None, local_dir: Path,
-                          include: list[str] | None) -> tuple[str, int | None]:
+def fetch_from_modelscope(repo: str, revision: str | None, local_dir: Path, selection: Selection,
+                          token: str | None = None) -> tuple[str, int | None]:
     """Download with ModelScope into ``local_dir``; returns the ModelScope model id used and the bytes
-    ModelScope received this run (None where this modelscope cannot report them)."""
+    ModelScope received this run (None where this modelscope cannot report them). ``token`` is
+    ModelScope's access token; without one, modelscope uses its own login."""
     if not modelscope_available():
         raise not_installed_error()
     from modelscope import snapshot_download  # type: ignore[import-not-found]
@@ -53,8 +55,16 @@ def fetch_from_modelscope(repo: str, revision: str | None, local_dir: Path,
     kwargs = {"local_dir": str(local_dir)}
     if revision and revision != "main":
         kwargs["revision"] = revision
-    if include:  # fnmatch globs in both; 1.15 knows only the older name
-        kwargs["allow_patterns" if "allow_patterns" in accepted else "allow_file_pattern"] = include
+    if selection.include:  # fnmatch globs in both; 1.15 knows only the older names
+        kwargs["allow_patterns" if "allow_patterns" in accepted else "allow_file_pattern"] = list(selection.include)
+    if selection.exclude:
+        kwargs["ignore_patterns" if "ignore_patterns" in accepted else "ignore_file_pattern"] = list(selection.exclude)
+    if token:
+        if "token" not in accepted:
+            raise KitError(f"this modelscope ({_version()}) does not take an access token (no token argument).",
+                           "pip install -U modelscope   (then run this again), or log in with "
+                           "`modelscope login` and drop --token.")
+        kwargs["token"] = token
     received = [0] if "progress_callbacks" in accepted else None
     if received is not None:
         kwargs["progress_callbacks"] = [_counting_callback(received)]

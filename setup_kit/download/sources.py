@@ -7,7 +7,7 @@ import json
 import os
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -20,8 +20,10 @@ from setup_kit.download.manifest import (
     Manifest,
     Plan,
     RemoteFile,
+    Selection,
     check_free_space,
     human_bytes,
+    nothing_selected,
 )
 from setup_kit.download.progress import DownloadProgress
 from setup_kit.errors import KitError, UsageError
@@ -39,9 +41,15 @@ class DownloadRequest:
     revision: str | None = None
     from_dir: Path | None = None
     include: list[str] | None = None
+    exclude: list[str] | None = None  # applied after include, as `hf download` does
+    token: str | None = field(default=None, repr=False)  # None: huggingface_hub reads HF_TOKEN / its login
     dry_run: bool = False
     progress: bool = True
     recheck: bool = False  # hash every file again, ignoring the record of files verified earlier
+
+    @property
+    def selection(self) -> Selection:
+        return Selection.of(self.include, self.exclude)
 
 
 @dataclass
@@ -146,7 +154,7 @@ def auto(req: DownloadRequest, console: Console) -> DownloadResult:
         console.print(f"trying ModelScope ({modelscope.modelscope_name(req.repo)}) instead")
         if not modelscope.modelscope_available():
             raise modelscope.not_installed_error("the hub is unreachable and ") from None
-        return from_modelscope(req, console)
+        return _fall_back_to_modelscope(req, console)
 
 
 def _hub_client_installed() -> bool:
@@ -165,6 +173,15 @@ def _auto_without_hub_client(req: DownloadRequest, src: Path | None, console: Co
                        "or --from DIR if the files are already on this machine.")
     console.print(f"huggingface_hub is not installed, so the hub cannot be used; "
                   f"trying ModelScope ({modelscope.modelscope_name(req.repo)}) instead")
+    return _fall_back_to_modelscope(req, console)
+
+
+def _fall_back_to_modelscope(req: DownloadRequest, console: Console) -> DownloadResult:
+    """A --token meant for the hub is never handed to another service: ModelScope has its own tokens."""
+    if req.token:
+        console.print("note: --token is a hub token, so it is not sent to ModelScope "
+                      "(give a ModelScope token with --source modelscope --token).")
+        req = replace(req, token=None)
     return from_modelscope(req, console)
 
 
@@ -173,7 +190,7 @@ def _verified_here(req: DownloadRequest) -> bool:
     if saved is None:
         return False
     record = VerifiedRecord(req.local_dir)
-    return all(record.is_verified(req.local_dir / f.path, f) for f in saved.select(req.include).files)
+    return all(record.is_verified(req.local_dir / f.path, f) for f in saved.select(req.selection).files)
 
 
 # ---------------------------------------------------------------- hub
@@ -188,8 +205,8 @@ def from_hub(req: DownloadRequest, console: Console) -> DownloadResult:
     revision = req.revision or "main"
     if hub.offline_mode():
         return _offline_check(req, revision, console)
-    listing = hub.fetch_manifest(req.repo, revision, endpoint)
-    manifest = listing.select(req.include)
+    listing = hub.fetch_manifest(req.repo, revision, endpoint, req.token)
+    manifest = listing.select(req.selection)
     record = VerifiedRecord(req.local_dir, trust=not req.recheck)
     plan = inspect_folder(manifest, req.local_dir, record)
     _say_plan(plan, console)
@@ -199,8 +216,8 @@ def from_hub(req: DownloadRequest, console: Console) -> DownloadResult:
     check_free_space(plan)
     req.local_dir.mkdir(parents=True, exist_ok=True)
     _save_manifest(req.local_dir, listing)  # the whole repo: a later full run must not think a selection is all
-    transferred = run_plan(plan, endpoint, record, console, req.progress)
-    if not req.include:
+    transferred = run_plan(plan, endpoint, record, console, req.progress, token=req.token)
+    if not req.selection:
         hub.drop_stale_partials(req.local_dir, manifest)
     return _result(req, manifest, "hf", plan, verified=True, transferred=transferred,
                    verification=f"size and {'/'.join(sorted({f.digest_kind for f in manifest.files}))} "
@@ -223,7 +240,8 @@ def inspect_folder(manifest: Manifest, local_dir: Path, record: VerifiedRecord) 
     return plan
 
 
-def run_plan(plan: Plan, endpoint: str, record: VerifiedRecord, console: Console, show: bool) -> int:
+def run_plan(plan: Plan, endpoint: str, record: VerifiedRecord, console: Console, show: bool,
+             token: str | None = None) -> int:
     """Check what is there, fetch what is not; returns the bytes transferred."""
     cancel = threading.Event()
     transferred = 0
@@ -253,7 +271,7 @@ def run_plan(plan: Plan, endpoint: str, record: VerifiedRecord, console: Console
                 bar(n)
 
             try:
-                fetched = hub.fetch_file(plan.manifest, rf, plan.local_dir, endpoint, record, on_bytes)
+                fetched = hub.fetch_file(plan.manifest, rf, plan.local_dir, endpoint, record, on_bytes, token=token)
             finally:
                 bar.finish()
             with lock:
@@ -284,7 +302,7 @@ def _offline_check(req: DownloadRequest, revision: str, console: Console) -> Dow
     if saved is None:
         raise hub.HubUnreachable(f"HF_HUB_OFFLINE is set and {req.local_dir} holds no earlier download of {req.repo}.",
                                  "unset HF_HUB_OFFLINE, or use --source local --from DIR.")
-    manifest = saved.select(req.include)
+    manifest = saved.select(req.selection)
     record = VerifiedRecord(req.local_dir)
     plan = inspect_folder(manifest, req.local_dir, record)
     bad = []
@@ -326,11 +344,13 @@ def _load_manifest(local_dir: Path, repo: str) -> Manifest | None:
 
 
 def from_local(req: DownloadRequest, src: Path, console: Console) -> DownloadResult:
-    files = local.list_local_files(src, req.include)
+    files = local.list_local_files(src, req.selection)
     if not files:
-        raise KitError(f"{src} holds no files{' matching --include' if req.include else ''}.",
-                       "point --from at the model folder (the one with config.json).")
-    problems = local.structure_problems(src) if not req.include else []
+        every = local.list_local_files(src)
+        if req.selection and every:
+            raise nothing_selected(req.selection, f"the {len(every)} files in {src}", [f.path for f in every])
+        raise KitError(f"{src} holds no files.", "point --from at the model folder (the one with config.json).")
+    problems = local.structure_problems(src) if not req.selection else []
     if problems:
         raise KitError(f"the copy at {src} is incomplete or damaged: {'; '.join(problems[:4])}.",
                        "use another copy (--from DIR), or download it: --source hf (or modelscope).")
@@ -347,7 +367,7 @@ def from_local(req: DownloadRequest, src: Path, console: Console) -> DownloadRes
         if hows:
             kinds = sorted(set(hows.values()))
             console.print(f"{len(hows)} file(s) {' and '.join(kinds)} from {src}")
-    problems = _placed_problems(req.local_dir, files, req.include)
+    problems = _placed_problems(req.local_dir, files, req.selection)
     mismatched = [f.path for f in files if (req.local_dir / f.path).stat().st_size != f.size]
     if problems or mismatched:
         raise KitError(f"the copy in {req.local_dir} does not check out: {'; '.join((problems + mismatched)[:4])}.",
@@ -357,10 +377,10 @@ def from_local(req: DownloadRequest, src: Path, console: Console) -> DownloadRes
                                 "(no hub metadata used)")
 
 
-def _placed_problems(local_dir: Path, files: list[RemoteFile], include: list[str] | None) -> list[str]:
+def _placed_problems(local_dir: Path, files: list[RemoteFile], selection: Selection) -> list[str]:
     """What the files themselves prove wrong: the whole folder's structure, or for a selection (whose
     index may name shards left out on purpose) each selected safetensors file's header."""
-    if include:
+    if selection:
         return [f"{rf.path}: {problem}" for rf in files if rf.path.endswith(".safetensors")
                 and (problem := local.safetensors_problem(local_dir / rf.path))]
     return local.structure_problems(local_dir)
@@ -388,12 +408,13 @@ def from_modelscope(req: DownloadRequest, console: Console) -> DownloadResult:
         raise KitError("--dry-run needs the hub's file list, which ModelScope's client does not give.",
                        "run --dry-run with --source hf (or a mirror endpoint).")
     req.local_dir.mkdir(parents=True, exist_ok=True)
-    model_id, received = modelscope.fetch_from_modelscope(req.repo, req.revision, req.local_dir, req.include)
-    files = local.list_local_files(req.local_dir, req.include)
-    if req.include and not files:
-        raise KitError(f"ModelScope's {model_id} has no files matching --include {' '.join(req.include or [])}.",
-                       "check the globs (they match paths in the repo, e.g. '*.json'), or drop --include.")
-    problems = _placed_problems(req.local_dir, files, req.include)
+    model_id, received = modelscope.fetch_from_modelscope(req.repo, req.revision, req.local_dir, req.selection,
+                                                          token=req.token)
+    files = local.list_local_files(req.local_dir, req.selection)
+    if req.selection and not files:
+        raise KitError(f"ModelScope's {model_id} has no files left by {req.selection.describe()}.",
+                       "check the globs (they match paths in the repo, e.g. '*.json'), or drop --include/--exclude.")
+    problems = _placed_problems(req.local_dir, files, req.selection)
     if problems:
         raise KitError(f"ModelScope's copy of {model_id} in {req.local_dir} does not check out: {'; '.join(problems[:4])}.",
                        "run it again to let ModelScope repair it, or use --source hf.")
