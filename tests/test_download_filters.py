@@ -181,3 +181,5 @@ def test_a_refused_or_failing_hub_never_echoes_the_token(hub, tmp_path, status, 
     assert_clear_failure(proc)
     assert any(auth == f"Bearer {TOKEN}" for _, auth in hub.authorization)
     assert TOKEN not in proc.stdout and TOKEN not in proc.stderr
+    # A refusal points at access (gated, private, the token); a server error does not.
+    assert ("--token" in proc.stderr and "gated" in proc.stderr) == (status in (401, 403)), proc.stderr

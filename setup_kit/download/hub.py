@@ -310,6 +310,13 @@ def hub_errors(repo: str, revision: str, endpoint: str, file: str | None = None)
                              "unset HF_HUB_OFFLINE, or use --source local --from DIR.") from None
     except hf.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
+        if status in (401, 403):
+            # Reachable, but it refuses: a private or gated repo, a wrong token, or a proxy's block page.
+            raise HubUnreachable(
+                f"{endpoint} refused {what} (HTTP {status}): {_first_line(exc)}.",
+                "if the repo is private or gated, accept its terms on the model page and pass a token with "
+                "read access (--token, HF_TOKEN or `hf auth login`); if a token was given, check it; "
+                f"if a proxy blocks the hub here, {alternatives}.") from None
         raise HubUnreachable(f"{endpoint} answered HTTP {status} while fetching {what}: {_first_line(exc)}.",
                              f"the hub may be down or blocked here; {alternatives}. Run it again later to resume.") from None
     except _network_errors() as exc:
