@@ -208,3 +208,23 @@ def test_chat_against_transformers_serve_and_the_server_going_away(no_byte_llama
     assert client.returncode == 1, err
     assert (first + rest).strip()
     assert "went away in the middle of the reply" in err and "Traceback" not in err
+
+
+def test_a_shared_copy_on_this_machine_is_used_in_place_when_nothing_is_downloaded(
+        tiny_internlm2_dir, state_dir, tmp_path, monkeypatch):
+    # InternStudio keeps the model under /root/share/new_models/<ModelScope owner>/<name>.
+    share = tmp_path / "share"
+    folder = share / "new_models" / "Shanghai_AI_Laboratory" / "internlm2-chat-1_8b"
+    shutil.copytree(tiny_internlm2_dir, folder)
+    before = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    monkeypatch.setenv("INTERNLM_KIT_MODELS", str(tmp_path / "models"))
+    monkeypatch.setenv("INTERNLM_KIT_SHARE_ROOTS", str(share))
+    result = chat("--greedy", "--max-new-tokens", "4", "--prompt", "hi", state=state_dir)
+    assert result.returncode == 0, result.stderr
+    assert "internlm2-chat-1_8b" in result.stderr and result.stdout.strip()
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == before, "nothing written there"
+    assert not (tmp_path / "models").exists()
+    # With no shared copy either, the message says how to fetch it.
+    monkeypatch.setenv("INTERNLM_KIT_SHARE_ROOTS", "")
+    missing = chat("--prompt", "hi", state=state_dir)
+    assert_one_paragraph_error(missing, "internlm-kit download internlm/internlm2-chat-1_8b")

@@ -25,13 +25,23 @@ def looks_like_repo(name: str) -> bool:
 
 
 def resolve_model_dir(model: str | None) -> Path:
-    """The folder to load: the path given, or where a hub name is downloaded to."""
-    if not model:
-        return default_model_dir(DEFAULT_REPO)
-    path = Path(model).expanduser()
-    if path.exists() or not looks_like_repo(model):
-        return path
-    return default_model_dir(model)
+    """The folder to load: the path given, or where a hub name is downloaded to; and when that is not
+    there, a shared copy already on this machine (InternStudio's /root/share/new_models/...), which
+    loads in place: the kit writes nothing into a model folder."""
+    repo = model or DEFAULT_REPO
+    if model:
+        path = Path(model).expanduser()
+        if path.exists() or not looks_like_repo(model):
+            return path
+    target = default_model_dir(repo)
+    if not target.exists():
+        from setup_kit.download.local import find_shared_copy
+        from setup_kit.download.modelscope import modelscope_name
+
+        shared = find_shared_copy(repo, modelscope_name(repo))
+        if shared is not None:
+            return shared
+    return target
 
 
 def missing_model_error(model: str | None, path: Path) -> ModelFolderError:
