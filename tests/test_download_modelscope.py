@@ -184,10 +184,15 @@ def test_auto_falls_back_to_the_real_package_when_the_hub_is_down(modelscope_ven
                                                                   tmp_path):
     dest = tmp_path / "m"
 
-    proc = kit(modelscope_venv, ["--local-dir", str(dest), "--json"], ms_env(modelscope_hub.url, tmp_path))
+    token = "hf_token_meant_for_the_hub_only"
+    proc = kit(modelscope_venv, ["--local-dir", str(dest), "--json", "--token", token],
+               ms_env(modelscope_hub.url, tmp_path))
 
     assert proc.returncode == 0, proc.stderr
     assert "hub unreachable" in proc.stderr and f"trying ModelScope ({MODELSCOPE_ID})" in proc.stderr
+    # A Hugging Face token is not handed to another service on the way.
+    assert modelscope_hub.headers and not any(token in value for h in modelscope_hub.headers for value in h.values())
+    assert token not in proc.stdout + proc.stderr
     result = json.loads(proc.stdout)
     assert result["source"] == "modelscope" and result["verified"] is True
     assert sorted(modelscope_hub.file_gets()) == sorted(modelscope_repo.files)
