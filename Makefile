@@ -24,10 +24,15 @@ PROFILE_ARG := $(if $(filter-out auto,$(strip $(PROFILE))),--profile $(strip $(P
 
 .PHONY: setup test test-fast chat serve doctor bench clean
 
+# The stamp holds the profile the venv was set up with: naming another one on an existing venv
+# installs it there (snapshotted, so `internlm-kit install --rollback` undoes it).
 setup: $(VENV)/.installed
 ifneq ($(strip $(PROFILE)),)
-	$(BIN)/internlm-kit install $(PROFILE_ARG) --python $(BIN)/python --yes
-	$(BIN)/python -m pip install -q -e ".[chat,serve,test]"
+	@if [ "$$(cat $(VENV)/.installed)" != "$(strip $(PROFILE))" ]; then \
+	  $(BIN)/internlm-kit install $(PROFILE_ARG) --python $(BIN)/python --yes \
+	  && $(BIN)/python -m pip install -q -e ".[chat,serve,test]" \
+	  && echo "$(strip $(PROFILE))" > $(VENV)/.installed; \
+	fi
 endif
 	@echo "--- internlm-kit doctor (what this machine can and cannot do) ---"
 	@$(BIN)/internlm-kit doctor $(PROFILE_ARG) \
@@ -35,6 +40,7 @@ endif
 
 # With PROFILE, torch and the model stack come from the profile (resolved first, snapshotted), so
 # no other torch is installed before it; the kit's `chat` extra is added after, already satisfied.
+# Every target that needs the environment (setup, test, chat, serve, doctor) depends on this one.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -43,8 +49,10 @@ ifeq ($(strip $(PROFILE)),)
 	$(BIN)/python -m pip install -q -e ".[chat,serve,test]"
 else
 	$(BIN)/python -m pip install -q -e ".[serve,test]"
+	$(BIN)/internlm-kit install $(PROFILE_ARG) --python $(BIN)/python --yes
+	$(BIN)/python -m pip install -q -e ".[chat,serve,test]"
 endif
-	touch $@
+	echo "$(strip $(PROFILE))" > $@
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

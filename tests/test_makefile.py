@@ -20,10 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 
 
-def planned(tmp_path: Path, path: str, *args: str) -> list[str]:
-    """The commands `make setup` would run for a fresh venv under tmp_path."""
+def planned(tmp_path: Path, path: str, *args: str, target: str = "setup") -> list[str]:
+    """The commands `make <target>` would run for a fresh venv under tmp_path."""
     env = {**os.environ, "PATH": path}
-    done = subprocess.run(["make", "-n", "-C", str(ROOT), "setup", f"VENV={tmp_path / 'venv'}", *args],
+    done = subprocess.run(["make", "-n", "-C", str(ROOT), target, f"VENV={tmp_path / 'venv'}", *args],
                           capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout.splitlines()
@@ -40,7 +40,8 @@ def with_fake_gpu(tmp_path: Path, kind: str) -> str:
 
 
 def install_lines(lines: list[str]) -> list[str]:
-    return [line for line in lines if "internlm-kit install" in line]
+    """The install a fresh venv gets (setup's re-profiling branch for an existing venv is indented)."""
+    return [line for line in lines if "internlm-kit install" in line and not line[:1].isspace()]
 
 
 def test_without_a_gpu_setup_installs_the_dev_stack_and_no_profile(tmp_path):
@@ -65,3 +66,12 @@ def test_a_named_profile_wins_and_profile_dev_keeps_the_dev_stack_on_a_gpu_machi
     assert "--profile tutorial" in install
     lines = planned(tmp_path, path, "PROFILE=dev")
     assert install_lines(lines) == [] and any("torch==2.13.0" in line for line in lines)
+
+
+@pytest.mark.parametrize("target", ["chat", "serve", "test"])
+def test_every_target_that_needs_the_environment_sets_it_up_the_same_way(tmp_path, target):
+    # `make chat` from a clean clone on a GPU machine must bring the profile's torch and the chat extra,
+    # not only what the stamp's first step installs.
+    lines = planned(tmp_path, with_fake_gpu(tmp_path, "a100-535"), target=target)
+    [install] = install_lines(lines)
+    assert any('-e ".[chat,serve,test]"' in line for line in lines[lines.index(install):])
