@@ -31,6 +31,13 @@ def normalize_dtype(dtype: str | None) -> str:
     return DTYPE_ALIASES.get(dtype, dtype)
 
 
+def short_dtype(dtype: str | None) -> str:
+    """The engines' and convert's spelling (bf16, fp16, fp32) for any name the doctor accepts, so a
+    `--dtype float16` copied from a doctor fix works on every verb. Unknown names pass through."""
+    long = normalize_dtype(dtype)
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(long, long)
+
+
 def normalize_device(device: str | None) -> str:
     """auto | cpu | cuda (``cuda:1`` counts as cuda)."""
     device = (device or "auto").lower()

@@ -228,3 +228,16 @@ def test_a_shared_copy_on_this_machine_is_used_in_place_when_nothing_is_download
     monkeypatch.setenv("INTERNLM_KIT_SHARE_ROOTS", "")
     missing = chat("--prompt", "hi", state=state_dir)
     assert_one_paragraph_error(missing, "internlm-kit download internlm/internlm2-chat-1_8b")
+
+
+def test_dtype_spellings_the_doctor_uses_work_and_threads_is_accepted(tiny_internlm2_dir, state_dir):
+    # The doctor's fixes say float16 / bfloat16; chat's own names are fp16 / bf16: both must work.
+    done = chat("--model", str(tiny_internlm2_dir), "--device", "cpu", "--dtype", "float32", "--threads", "1",
+                "--greedy", "--max-new-tokens", "4", "--prompt", "hi", "--json", state=state_dir)
+    assert done.returncode == 0, done.stderr
+    assert "fp32" in done.stderr
+    # float16 on the CPU reaches the engine's own fp16 refusal, not "unknown dtype".
+    refused = chat("--model", str(tiny_internlm2_dir), "--device", "cpu", "--dtype", "float16", "--prompt", "hi",
+                   state=state_dir)
+    assert_one_paragraph_error(refused, "--dtype fp32")
+    assert "Unknown dtype" not in refused.stderr

@@ -274,7 +274,7 @@ def bf16(ctx: Context) -> Result:
                "(needs >= 8.0)")
     note = ("torch.cuda.is_bf16_supported() still says True there on torch >= 2.3 (emulation), "
             "so the kit checks the capability itself.")
-    fix = "use float16: internlm-kit chat --dtype float16 (in your own code: torch_dtype=torch.float16)"
+    fix = "use float16: internlm-kit chat --dtype fp16 (in your own code: torch_dtype=torch.float16)"
     if ctx.dtype == "bfloat16":
         return fail(summary + ", but bfloat16 was asked for", fix, note)
     return warn(summary + "; the kit's --dtype auto uses float16 there", fix, note)

@@ -35,18 +35,25 @@ def command(
                                      help="Start without the doctor's pre-flight checks."),
     compile: bool = typer.Option(False, "--compile",
                                  help="Static KV cache + torch.compile (native engine, GPU)."),
+    threads: int = typer.Option(None, "--threads", metavar="N", min=1,
+                                help="CPU threads for torch (default: torch's own choice)."),
 ) -> None:
     """Chat with the model in the terminal, streaming, with memory of the conversation.
 
     Type /help in the chat for its commands. With stdin not a terminal, each input line is one
     message and only the replies go to stdout.
     """
+    from setup_kit.doctor import short_dtype
     from setup_kit.repl import ChatRequest, run_chat
 
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     request = ChatRequest(
         model=model, engine=engine, endpoint=endpoint, api_key=api_key, system=system,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
-        seed=seed, device=device, dtype=dtype, prompt=prompt, as_json=as_json,
+        seed=seed, device=device, dtype=short_dtype(dtype), prompt=prompt, as_json=as_json,
         skip_checks=skip_checks, compile=compile)
     code = run_chat(request)
     if code:

@@ -23,6 +23,7 @@ def command(
     import sys
 
     from setup_kit.convert import convert_checkpoint
+    from setup_kit.doctor import short_dtype
     from setup_kit.errors import UsageError
 
     limit = _parse_size(max_shard_size, UsageError)
@@ -37,7 +38,7 @@ def command(
 
     print(f"Converting {src} -> {dst}", file=sys.stderr)
     try:
-        result = convert_checkpoint(src, dst, dtype=dtype, force=force, max_shard_bytes=limit,
+        result = convert_checkpoint(src, dst, dtype=short_dtype(dtype), force=force, max_shard_bytes=limit,
                                     progress=progress)
     except KeyboardInterrupt:
         # convert_checkpoint has removed its temporary folder; DST is as it was.

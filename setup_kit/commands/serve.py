@@ -35,10 +35,11 @@ def command(
     Open http://127.0.0.1:8000/ in a browser, or point any OpenAI client at
     http://127.0.0.1:8000/v1. --backend lmdeploy|vllm hands the same folder to those servers.
     """
+    from setup_kit.doctor import short_dtype
     from setup_kit.serve.server import ServeOptions, serve
 
     code = serve(ServeOptions(model=model, host=host, port=port, engine=engine, device=device,
-                              dtype=dtype, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+                              dtype=short_dtype(dtype), api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                               backend=backend, tp=tp, model_name=model_name,
                               skip_checks=skip_checks, threads=threads))
     if code:
