@@ -68,3 +68,19 @@ def test_a_python_without_the_serve_extra_is_told_what_to_install(tutorial_stack
                            str(tiny_internlm2_dir), "--engine", "remote-code"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "native engine" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(tiny_internlm2_dir):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_kit("serve", "--model", str(tiny_internlm2_dir), "--port", str(port), "--device", "cpu")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"Port {port} on 127.0.0.1 is already in use" in done.stderr and "--port" in done.stderr
+    assert "loading" not in done.stderr  # refused before the model loads
+    done = run_kit("serve", "--model", str(tiny_internlm2_dir), "--host", "192.0.2.1", "--device", "cpu",
+                   "--api-key", "k")  # TEST-NET-1: not an address of this machine
+    assert done.returncode == 1 and "Cannot listen on 192.0.2.1" in done.stderr and "Traceback" not in done.stderr

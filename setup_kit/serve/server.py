@@ -100,6 +100,7 @@ def serve(options: ServeOptions) -> int:
             "Drop --engine remote-code (the native engine runs the same weights without remote code), "
             "or use `internlm-kit chat --engine remote-code` for a single conversation.")
     require_serve_packages()
+    check_port_free(options.host, options.port)  # before the model loads, not after
     if not options.skip_checks:
         from setup_kit.repl import preflight
 
@@ -119,6 +120,29 @@ def serve(options: ServeOptions) -> int:
                   + ("  (API key required)" if options.api_key else ""))
     run(served, host=options.host, port=options.port, api_key=options.api_key)
     return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    """A clear error now when the address cannot be bound, instead of uvicorn's after the model loaded."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise KitError(f"Port {port} on {host} is already in use (another server, or an earlier "
+                               "`internlm-kit serve` still running).",
+                               f"Pick another port: --port {port + 1}, or stop what listens there "
+                               f"(`ss -ltnp 'sport = :{port}'` shows it).") from None
+            if exc.errno == errno.EACCES:
+                raise KitError(f"Binding port {port} needs privileges this user does not have.",
+                               "Use a port above 1023, e.g. --port 8000.") from None
+            raise KitError(f"Cannot listen on {host}:{port}: {exc.strerror or exc}.",
+                           "Check --host (an address of this machine, 127.0.0.1 or 0.0.0.0) and --port.") from None
 
 
 def require_serve_packages() -> None:
