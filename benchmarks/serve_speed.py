@@ -63,6 +63,16 @@ CANDIDATES = [
 ]
 
 
+# Every server and bare generate get the same messages. The system message is explicit because the
+# servers differ in what they add without one (the kit and LMDeploy add InternLM's default prompt,
+# `transformers serve` adds nothing).
+SYSTEM = "You are a helpful assistant."
+
+
+def messages(text: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
+
+
 def prepare_model(tmp: Path) -> Path:
     """The benchmark model, converted to Llama layout, byte rows of the output head zeroed."""
     import sentencepiece as spm
@@ -101,7 +111,7 @@ class Bare:
         eos = set(info.eos_token_ids)
         self.prompts = []
         for text in CANDIDATES:
-            ids = torch.tensor([encode_chat(tokenizer, [{"role": "user", "content": text}])])
+            ids = torch.tensor([encode_chat(tokenizer, messages(text))])
             _, tokens = self._generate(ids, new_tokens)
             if len(tokens) == new_tokens and not eos & set(tokens):
                 self.prompts.append(text)
@@ -109,7 +119,7 @@ class Bare:
                 break
         if len(self.prompts) < want:
             raise SystemExit(f"only {len(self.prompts)} prompts run {new_tokens} tokens without end of turn")
-        self.ids = torch.tensor([encode_chat(tokenizer, [{"role": "user", "content": self.prompts[0]}])])
+        self.ids = torch.tensor([encode_chat(tokenizer, messages(self.prompts[0]))])
 
     def _generate(self, ids, n):
         import torch
@@ -164,7 +174,7 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def one_stream(url: str, model: str, prompt: str, new_tokens: int, t0: float, result: dict) -> None:
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
+    body = {"model": model, "messages": messages(prompt), "stream": True,
             "temperature": 0, "max_tokens": new_tokens, "stream_options": {"include_usage": True}}
     first, chunks, usage = None, 0, None
     with HTTP.stream("POST", url + "/chat/completions", json=body) as r:

@@ -30,11 +30,12 @@ def client(server, key: str = "unused") -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url, api_key=key, max_retries=0, timeout=60)
 
 
-def stream_text(server, content: str, **params) -> tuple[str, str | None]:
+def stream_text(server, content: str, system: str | None = None, **params) -> tuple[str, str | None]:
     """One streaming request through the official client; (text, finish_reason)."""
     text, finish = [], None
-    stream = client(server).chat.completions.create(
-        model=KIT_MODEL, messages=[{"role": "user", "content": content}], stream=True, **params)
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": "user", "content": content}]
+    stream = client(server).chat.completions.create(model=KIT_MODEL, messages=messages, stream=True, **params)
     for chunk in stream:
         if chunk.choices:
             text.append(chunk.choices[0].delta.content or "")
@@ -113,12 +114,13 @@ def test_eight_concurrent_greedy_streams_each_equal_the_lone_answer(kit_server):
     """Batching must not change a greedy answer. Tolerance: none; texts (and the token counts
     behind them) are compared exactly, and the scheduler test compares token ids."""
     prompts = [f"Question {i}: " + "why " * (i + 1) for i in range(8)]
-    lone = [stream_text(kit_server, p, temperature=0, max_tokens=64) for p in prompts]
+    # A short system prompt of their own: InternLM's default would not leave the tiny model room.
+    lone = [stream_text(kit_server, p, system="Be brief.", temperature=0, max_tokens=64) for p in prompts]
     barrier = threading.Barrier(8)
 
     def together(p):
         barrier.wait()
-        return stream_text(kit_server, p, temperature=0, max_tokens=64)
+        return stream_text(kit_server, p, system="Be brief.", temperature=0, max_tokens=64)
 
     with ThreadPoolExecutor(8) as pool:
         batched = list(pool.map(together, prompts))
@@ -236,3 +238,18 @@ def test_chat_endpoint_talks_to_the_kit_server(kit_server, tmp_path):
          "--max-new-tokens", "16"], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() and "Traceback" not in done.stderr
+
+
+def test_a_request_without_a_system_message_gets_internlms_default_one(kit_server):
+    """As `internlm-kit chat` and LMDeploy's api_server do; a system message of the request's own replaces it."""
+    from setup_kit.engines.base import DEFAULT_SYSTEM_PROMPT
+
+    def prompt_tokens(messages):
+        reply = client(kit_server).chat.completions.create(model=KIT_MODEL, messages=messages, max_tokens=1,
+                                                            temperature=0)
+        return reply.usage.prompt_tokens
+
+    user = {"role": "user", "content": "hi"}
+    default = prompt_tokens([user])
+    assert default == prompt_tokens([{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, user])
+    assert prompt_tokens([{"role": "system", "content": "Be brief."}, user]) < default

@@ -178,9 +178,20 @@ def _emitter(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
     return emit
 
 
+def with_default_system(messages: list[dict]) -> list[dict]:
+    """InternLM's own system prompt in front of a conversation that brings none, as `internlm-kit chat`
+    and LMDeploy's api_server do: the same question gets the same prompt whichever way it is asked.
+    A system message, even an empty one, replaces it."""
+    from setup_kit.engines.base import DEFAULT_SYSTEM_PROMPT
+
+    if any(m["role"] == "system" for m in messages):
+        return messages
+    return [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *messages]
+
+
 async def _encode(served: ServedModel, body: schema.ChatCompletionRequest) -> list[int]:
     try:
-        prompt = await run_in_threadpool(encode_chat, served.tokenizer, body.chat_messages())
+        prompt = await run_in_threadpool(encode_chat, served.tokenizer, with_default_system(body.chat_messages()))
     except Exception as exc:  # the template rejects the conversation (e.g. roles out of order)
         raise APIError(400, f"These messages cannot be turned into a prompt: {exc}", param="messages") from None
     if len(prompt) >= served.context_window:
