@@ -48,6 +48,10 @@ def test_every_shipped_profile_is_listed_with_its_torch_and_transformers(tmp_pat
     assert rows["cpu"]["cuda"] == "cpu"
     human = kit("--list-profiles", state=tmp_path)
     assert human.returncode == 0 and "tutorial" in human.stdout and "2.1.2" in human.stdout
+    reasons = kit("--list-profiles", "-v", state=tmp_path)
+    tutorial = available_profiles()["tutorial"]
+    for pin in tutorial.pins:  # every pin with the reason its profile gives
+        assert f"{pin.name}=={pin.version}: {pin.why.split()[0]}" in reasons.stdout, pin.name
 
 
 def test_every_pin_says_why_and_torch_comes_first():

@@ -53,7 +53,7 @@ def command(
     if python and venv:
         raise UsageError("--python and --venv both name a target.", "Pass only one of them.")
     if list_profiles:
-        _print_profiles(as_json)
+        _print_profiles(as_json, verbose)
         raise typer.Exit(0)
     if list_snapshots:
         _print_snapshots(python, venv, as_json)
@@ -79,7 +79,7 @@ def command(
     raise typer.Exit(outcome.exit_code)
 
 
-def _print_profiles(as_json: bool) -> None:
+def _print_profiles(as_json: bool, verbose: bool = False) -> None:
     import json
 
     from setup_kit.profiles import available_profiles
@@ -104,7 +104,15 @@ def _print_profiles(as_json: bool) -> None:
     for row in rows:
         table.add_row(row["name"], row["python"], row["cuda"], row["torch"] or "-", row["transformers"] or "-",
                       row["summary"])
-    Console(highlight=False).print(table)
+    console = Console(highlight=False)
+    console.print(table)
+    if not verbose:
+        console.print("(-v: every pin and why it is there)")
+        return
+    for item in profiles.values():
+        console.print(f"\n[bold]{item.name}[/] ({item.path})")
+        for pin in item.pins:
+            console.print(f"  {pin.name}=={pin.version}: {pin.why}", soft_wrap=True)
 
 
 def _print_snapshots(python: Optional[str], venv: Optional[Path], as_json: bool) -> None:
