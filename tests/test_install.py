@@ -90,6 +90,9 @@ def test_rollback_without_any_snapshot_says_so(tmp_path):
     result = kit("--rollback", "--python", sys.executable, "--yes", state=tmp_path)
     assert result.returncode == 1
     assert "no snapshot" in result.stderr and "Traceback" not in result.stderr
+    # Without --yes too: there is nothing to consent to, so the missing snapshot is what it says.
+    result = kit("--rollback", "--python", sys.executable, state=tmp_path)
+    assert result.returncode == 1 and "no snapshot" in result.stderr and "--yes" not in result.stderr
 
 
 def test_an_unreachable_torch_source_stops_a_cuda_install_before_anything_changes(tmp_path):

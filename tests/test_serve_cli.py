@@ -84,3 +84,19 @@ def test_a_port_in_use_is_refused_before_the_model_loads(tiny_internlm2_dir):
     done = run_kit("serve", "--model", str(tiny_internlm2_dir), "--host", "192.0.2.1", "--device", "cpu",
                    "--api-key", "k")  # TEST-NET-1: not an address of this machine
     assert done.returncode == 1 and "Cannot listen on 192.0.2.1" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_listening_on_all_addresses_shows_a_url_a_browser_can_open(tiny_internlm2_dir, tmp_path):
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "INTERNLM_KIT_STATE_DIR": str(tmp_path / "state")}
+    with open(log, "w") as out:
+        process = subprocess.Popen([KIT, "serve", "--model", str(tiny_internlm2_dir), "--host", "0.0.0.0",
+                                    "--port", str(port), "--api-key", "k", "--device", "cpu", "--threads", "1"],
+                                   stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", process, 120, log)
+    finally:
+        stop_process(process)
+    text = log.read_text()
+    assert f"chat page:  http://127.0.0.1:{port}/" in text and f"OpenAI API: http://127.0.0.1:{port}/v1" in text

@@ -12,7 +12,7 @@ def command(
                              help="Address to listen on. Anything but 127.0.0.1 is reachable "
                                   "from other machines: set --api-key then."),
     port: int = typer.Option(8000, "--port", metavar="PORT", min=1, max=65535),
-    engine: str = typer.Option("native", "--engine", "-e", metavar="NAME", help="native (default) or remote-code."),
+    engine: str = typer.Option("native", "--engine", "-e", metavar="NAME", help="native (the only engine the kit's server batches; remote-code is refused with what to do)."),
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", "--dtype", metavar="DTYPE", help="auto, bf16, fp16 or fp32."),
     api_key: str = typer.Option(None, "--api-key", metavar="KEY", envvar="INTERNLM_KIT_API_KEY", show_envvar=True,

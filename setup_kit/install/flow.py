@@ -255,10 +255,10 @@ def rollback(options: InstallOptions, snapshot_name: str | None, console) -> Ins
     """Put the target back exactly as a snapshot recorded it."""
     from setup_kit.install.snapshot import find_snapshot, list_installed, restore_plan
 
-    require_consent(options)
     python = str(options.venv.expanduser() / "bin" / "python") if options.venv else options.python
     target = inspect_target(python)
-    snapshot = find_snapshot(snapshot_name, target.python)
+    snapshot = find_snapshot(snapshot_name, target.python)  # "no snapshot" before asking for --yes
+    require_consent(options)
     outcome = InstallOutcome("rollback", python=target.python, python_version=target.version, snapshot=snapshot.id,
                              reason=snapshot.reason)
     console.print(f"Rolling {escape(target.python)} back to snapshot {snapshot.id} "

@@ -113,7 +113,9 @@ def serve(options: ServeOptions) -> int:
     console.print(f"internlm-kit serve: loading {model_dir} ...")
     served = load_served_model(model_dir, name, device=options.device, dtype=options.dtype,
                                max_batch=options.max_batch, max_queue=options.max_queue)
-    shown = f"[{options.host}]" if ":" in options.host else options.host
+    # A wildcard address listens everywhere but is not one a browser can open: show this machine's.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(options.host, options.host)
+    shown = f"[{host}]" if ":" in host else host
     console.print(f"internlm-kit serve: model '{name}' (context {served.context_window} tokens)\n"
                   f"  chat page:  http://{shown}:{options.port}/\n"
                   f"  OpenAI API: http://{shown}:{options.port}/v1"
