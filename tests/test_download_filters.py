@@ -26,7 +26,8 @@ def fetched(hub) -> set[str]:
 def dry_run_listing(stdout: str) -> set[str]:
     """The paths of the `ACTION SIZE PATH` lines --dry-run prints."""
     rows = [line.split() for line in stdout.splitlines()]
-    return {row[2] for row in rows if len(row) == 3 and row[0] in ("fetch", "resume", "check", "verified")}
+    return {row[2] for row in rows if len(row) == 3 and row[0] in ("fetch", "resume", "check", "verified",
+                                                                   "link", "copy", "present")}
 
 
 def files_in(folder) -> set[str]:

@@ -188,3 +188,20 @@ def test_auto_on_a_verified_folder_does_not_copy_again(hub, share_root, hub_repo
     assert proc.returncode == 0, proc.stderr
     assert "already holds a verified download" in proc.stderr
     assert (dest / SHARD1).stat().st_ino == inode and sum(hub.served.values()) == 0
+
+
+@pytest.mark.parametrize("source", [["--from", "FROM"], ["--source", "local", "--from", "FROM"], []])
+def test_dry_run_from_a_local_copy_lists_it_without_the_hub(hub, share_root, hub_repo, tmp_path, source):
+    """--from DIR, --source local, or auto finding the shared copy: the listing is the copy's files."""
+    copy = share_root / "new_models/Shanghai_AI_Laboratory/internlm2-chat-1_8b"
+    dest = tmp_path / "m"
+    env = kit_env(hub.url, tmp_path, INTERNLM_KIT_SHARE_ROOTS=str(share_root), COLUMNS="500")  # no wrapped lines
+
+    proc = run_kit([*(str(copy) if a == "FROM" else a for a in source), "--local-dir", str(dest), "--dry-run"], env)
+
+    assert proc.returncode == 0, proc.stderr
+    *rows, total = proc.stdout.splitlines()
+    assert sorted(row.split() for row in rows) == sorted(["link", f"{f.size:,}", f.path] for f in hub_repo.files.values())
+    assert total.strip() == f"total {sum(f.size for f in hub_repo.files.values()):,} bytes; destination {dest}"
+    assert not dest.exists()
+    assert hub.requests == []  # not even the listing

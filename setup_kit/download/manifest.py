@@ -91,12 +91,13 @@ def nothing_selected(selection: Selection, where: str, names: list[str]) -> KitE
 class FileState:
     """Where one file stands before fetching."""
     file: RemoteFile
-    status: str           # verified | check | resume | fetch
+    status: str           # from a hub: verified | check | resume | fetch; from a local copy: present | link | copy
     have: int = 0         # bytes already on disk for it (a partial, or a complete-looking file)
 
     @property
     def to_fetch(self) -> int:
-        if self.status in ("verified", "check"):
+        """Bytes still to arrive, and so to find room for (a hard link takes none)."""
+        if self.status in ("verified", "check", "present", "link"):
             return 0
         return self.file.size - self.have
 

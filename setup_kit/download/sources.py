@@ -129,8 +129,10 @@ def auto(req: DownloadRequest, console: Console) -> DownloadResult:
         console.print(f"{req.local_dir} already holds a verified download; asking {endpoint} whether it changed")
         src = None
     elif src is not None and req.dry_run:
-        console.print(f"dry run: a local copy is at {src} (a real run places it first); listing the hub's files")
-        src = None
+        # what the real run would place is the local copy's files: listing them needs no hub
+        then = "" if hub.offline_mode() else f", then checks every file against {endpoint}"
+        console.print(f"dry run: a real run places the local copy at {src} in {req.local_dir}{then}")
+        return from_local(req, Path(src), console)
     elif src is None:
         console.print(f"no local copy of {req.repo} on this machine; using the hub ({endpoint})")
     if src is not None:
@@ -355,18 +357,17 @@ def from_local(req: DownloadRequest, src: Path, console: Console) -> DownloadRes
         raise KitError(f"the copy at {src} is incomplete or damaged: {'; '.join(problems[:4])}.",
                        "use another copy (--from DIR), or download it: --source hf (or modelscope).")
     manifest = Manifest(req.repo, req.revision or "local", None, files)
-    plan = Plan(manifest, req.local_dir, [FileState(f, "fetch") for f in files])
+    plan = _local_plan(manifest, src, req.local_dir)
     if req.dry_run:
-        _say_plan(plan, console)
-        return _result(req, manifest, "local", plan, verified=False, verification="dry run", dry_run=True)
-    if src.resolve() != req.local_dir.resolve():
-        todo = [rf for rf in files if not _already_placed(src / rf.path, req.local_dir / rf.path)]
-        if todo and not _same_device(src, req.local_dir):  # hard links need no space, copies do
-            check_free_space(Plan(manifest, req.local_dir, [FileState(rf, "fetch") for rf in todo]))
-        hows = {rf.path: local.place_file(src / rf.path, req.local_dir / rf.path) for rf in todo}
-        if hows:
-            kinds = sorted(set(hows.values()))
-            console.print(f"{len(hows)} file(s) {' and '.join(kinds)} from {src}")
+        _say_local_plan(plan, src, console)
+        return _result(req, manifest, "local", plan, verified=False, dry_run=True,
+                       verification=f"dry run: nothing placed from {src}")
+    check_free_space(plan)  # copies need room, hard links none
+    todo = [s.file for s in plan.states if s.status != "present"]
+    hows = {rf.path: local.place_file(src / rf.path, req.local_dir / rf.path) for rf in todo}
+    if hows:
+        kinds = sorted(set(hows.values()))
+        console.print(f"{len(hows)} file(s) {' and '.join(kinds)} from {src}")
     problems = _placed_problems(req.local_dir, files, req.selection)
     mismatched = [f.path for f in files if (req.local_dir / f.path).stat().st_size != f.size]
     if problems or mismatched:
@@ -375,6 +376,17 @@ def from_local(req: DownloadRequest, src: Path, console: Console) -> DownloadRes
     return _result(req, manifest, "local", plan, verified=True,
                    verification=f"copied from {src}: sizes, safetensors headers and the shard index checked "
                                 "(no hub metadata used)")
+
+
+def _local_plan(manifest: Manifest, src: Path, local_dir: Path) -> Plan:
+    """What placing ``src`` does to each file: nothing (it is there already), a hard link (same
+    filesystem) or a copy."""
+    if src.resolve() == local_dir.resolve():
+        return Plan(manifest, local_dir, [FileState(rf, "present", rf.size) for rf in manifest.files])
+    how = "link" if _same_device(src, local_dir) else "copy"
+    return Plan(manifest, local_dir, [
+        FileState(rf, "present", rf.size) if _already_placed(src / rf.path, local_dir / rf.path) else FileState(rf, how)
+        for rf in manifest.files])
 
 
 def _placed_problems(local_dir: Path, files: list[RemoteFile], selection: Selection) -> list[str]:
@@ -442,6 +454,15 @@ def _say_plan(plan: Plan, console: Console) -> None:
     if states.get("verified"):
         line += f"; {states['verified']} already verified"
     console.print(line)
+
+
+def _say_local_plan(plan: Plan, src: Path, console: Console) -> None:
+    n = {how: sum(s.status == how for s in plan.states) for how in ("link", "copy", "present")}
+    parts = [(n["link"], f"{n['link']} to hard-link"),
+             (n["copy"], f"{n['copy']} to copy ({human_bytes(plan.bytes_to_fetch)})"),
+             (n["present"], f"{n['present']} already there")]
+    console.print(f"{src}: {len(plan.states)} files, {human_bytes(plan.manifest.total_bytes)}; "
+                  f"{', '.join(text for count, text in parts if count)}; destination {plan.local_dir}")
 
 
 def _result(req, manifest: Manifest, source: str, plan: Plan, *, verified: bool, verification: str,
