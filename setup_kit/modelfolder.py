@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,10 @@ LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
 DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
                "I16": 2, "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
+# What `internlm-kit download` records in the folder (setup_kit/download: state_dir_for, _save_manifest);
+# its "repo" is the one repo id known for sure. Spelled out here to keep this module stdlib-only.
+KIT_MANIFEST = Path(".cache") / "internlm-kit" / "manifest.json"
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,14 @@ def inspect_model_folder(path: str | Path) -> ModelFolder:
     if not folder.path.is_dir():
         folder.problems.append(Problem(
             "folder-missing", f"{folder.path} is not a folder.",
-            f"Download the model first: internlm-kit download --local-dir {folder.path}"))
+            f"Check the path, or download the model there: {download_command(folder)}"))
+        return folder
+    if not _looks_like_a_model(folder.path):
+        folder.problems.append(Problem(
+            "not-a-model-folder",
+            f"{folder.path} is not a model folder: it has no config.json and no weights (*.safetensors).",
+            "Point --model at the folder that holds config.json and the weights (the path "
+            f"`internlm-kit download` printed last), or download the model into this one: {download_command(folder)}"))
         return folder
     _read_config(folder)
     _read_tokenizer(folder)
@@ -119,9 +131,47 @@ def open_model_folder(path: str | Path) -> ModelFolder:
 
 # --- the parts -------------------------------------------------------------------------------
 
+def _looks_like_a_model(path: Path) -> bool:
+    """Anything a model folder is made of: without config.json and weights, every per-file problem
+    (config, tokenizer, weights) would only repeat that the folder given is the wrong one."""
+    return ((path / "config.json").exists() or any(path.glob("*.safetensors"))
+            or (path / "model.safetensors.index.json").exists() or any(path.glob("pytorch_model*.bin")))
+
+
+def source_repo(folder: ModelFolder) -> tuple[str | None, str | None]:
+    """The hub repo the folder holds, and where that guess comes from (None when it is certain).
+
+    A download command without the repo would fetch the default model into this folder, over a
+    different one. Only the kit's own download record is certain: a fine-tune keeps its base model's
+    ``_name_or_path``, and a folder can be named anything."""
+    try:
+        recorded = json.loads((folder.path / KIT_MANIFEST).read_text(encoding="utf-8")).get("repo")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if isinstance(recorded, str) and REPO_ID.match(recorded):
+        return recorded, None
+    named = folder.config.get("_name_or_path")
+    if isinstance(named, str) and REPO_ID.match(named):
+        return named, "config.json's _name_or_path"
+    name = folder.path.absolute().name
+    if name.startswith("internlm") and folder.model_type in (None, "internlm2") and REPO_ID.match(f"internlm/{name}"):
+        return f"internlm/{name}", "the folder name"
+    return None, None
+
+
+def download_command(folder: ModelFolder) -> str:
+    """`internlm-kit download REPO --local-dir DIR` for this folder, saying how sure the REPO is."""
+    repo, guessed_from = source_repo(folder)
+    command = f"internlm-kit download {repo or 'OWNER/NAME'} --local-dir {shlex.quote(str(folder.path))}"
+    if repo is None:
+        return f"{command}   (OWNER/NAME: the hub repo this folder holds)"
+    if guessed_from:
+        return f"{command}   ({repo} is taken from {guessed_from}; name the right repo if it holds another)"
+    return command
+
+
 def _redownload(folder: ModelFolder, what: str) -> str:
-    return (f"Download {what} again: internlm-kit download --local-dir {folder.path}"
-            " (it verifies sizes and hashes)")
+    return f"Download {what} again (it verifies sizes and hashes): {download_command(folder)}"
 
 
 def _read_config(folder: ModelFolder) -> None:
@@ -172,7 +222,7 @@ def _read_tokenizer(folder: ModelFolder) -> None:
             "tokenizer-lfs-pointer",
             "tokenizer.model is a git-lfs pointer, not the sentencepiece model (the repo was cloned "
             "without git-lfs); loading it fails with 'sentencepiece_processor.cc ... ParseFromArray'.",
-            _redownload(folder, "the model") + ", or run `git lfs install && git lfs pull` in the clone"))
+            "Run `git lfs install && git lfs pull` in the clone; or: " + _redownload(folder, "the model")))
     if "tokenizer_config.json" not in folder.tokenizer_files:
         folder.problems.append(Problem(
             "tokenizer-config-missing",

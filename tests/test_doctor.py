@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.model_folders import LIGHT_REMOTE_CODE, MODELING_OK, make_model_folder, truncate
+from fixtures.model_folders import CONFIG, LIGHT_REMOTE_CODE, MODELING_OK, make_model_folder, truncate
 
 KIT = Path(sys.executable).with_name("internlm-kit")
 PROJECT_PYTHON = sys.executable
@@ -251,7 +251,7 @@ def test_a_damaged_model_folder_fails_the_right_check(tmp_path, no_gpu, damage, 
     assert_contract(report, result)
     check = by_id(report)[check_id]
     assert check["status"] == "fail" and expected in check["summary"]
-    assert f"internlm-kit download --local-dir {path}" in check["fix"]
+    assert f"internlm-kit download OWNER/NAME --local-dir {path}" in check["fix"]  # nothing names the repo
 
 
 def test_remote_code_importing_what_this_transformers_lacks_fails_in_the_target(tmp_path, no_gpu):
@@ -407,3 +407,27 @@ def test_an_r470_driver_with_the_cpu_torch_is_told_which_older_torch_it_runs(fak
     assert check["status"] == "fail" and "Tesla V100-SXM2-16GB" in check["summary"]
     assert '-m pip install "torch==2.7.*" --index-url https://download.pytorch.org/whl/cu118' in check["fix"]
     assert "Update the NVIDIA driver" in check["fix"]
+
+
+def test_the_fix_for_a_truncated_shard_names_the_repo_config_json_names(tmp_path, no_gpu):
+    path = make_model_folder(tmp_path / "m7" / "ckpt", config={**CONFIG, "_name_or_path": "internlm/internlm2-chat-7b"})
+    truncate(path / "model-00001-of-00002.safetensors", 0.5)
+    report, result = doctor_json("--model", str(path), "--only", "model.weights", env=no_gpu)
+    assert_contract(report, result)
+    check = by_id(report)["model.weights"]
+    assert check["status"] == "fail" and "truncated" in check["summary"]
+    assert f"internlm-kit download internlm/internlm2-chat-7b --local-dir {path}" in check["fix"]
+    assert "_name_or_path" in check["fix"]  # a guess, and the fix says where it comes from
+
+
+def test_a_folder_that_is_not_a_model_is_one_problem_with_one_fix(tmp_path, no_gpu):
+    path = tmp_path / "x"
+    path.mkdir()
+    (path / "notes.txt").write_text("not a model\n")
+    report, result = doctor_json("--model", str(path), "--only", "model", env=no_gpu)
+    assert_contract(report, result)
+    failed = [c for c in report["checks"] if c["status"] in ("fail", "warn")]
+    assert [c["id"] for c in failed] == ["model.config"]
+    assert "not a model folder" in failed[0]["summary"]
+    assert len(failed[0]["fix"].splitlines()) == 1 and "--model" in failed[0]["fix"]
+    assert {c["id"]: c["status"] for c in report["checks"]}["model.weights"] == "skip"

@@ -117,3 +117,43 @@ def test_a_shard_from_another_revision_does_not_match_the_index(tmp_path):
     folder = inspect_model_folder(path)
     assert codes(folder) == ["index-mismatch"]
     assert "model.layers.0.attention.wo.weight" in folder.problems[0].message
+
+
+# --- the download command a fix gives: never the default repo into someone else's folder -----------
+
+def test_a_fix_in_a_folder_the_kit_downloaded_names_the_repo_it_recorded(hub_model_folder, tmp_path):
+    from fixtures.hub import HubRepo, HubServer
+    from setup_kit.download import DownloadRequest, download
+
+    repo = "acme/tuned-chat"  # neither the default repo nor anything the folder's name suggests
+    with HubServer(HubRepo.from_folder(repo, hub_model_folder)) as hub:
+        download(DownloadRequest(repo=repo, source="hf", endpoint=hub.url, local_dir=tmp_path / "weights",
+                                 progress=False))
+    truncate(tmp_path / "weights" / "model-00002-of-00002.safetensors", 0.5)
+
+    problem = inspect_model_folder(tmp_path / "weights").problem("shard-truncated")
+    assert problem.fix.endswith(f"internlm-kit download acme/tuned-chat --local-dir {tmp_path / 'weights'}")
+
+
+def test_a_fix_names_the_repo_the_folder_is_named_after_and_says_it_is_a_guess(tmp_path):
+    path = make_model_folder(tmp_path / "m7" / "internlm2-chat-7b")
+    truncate(path / "model-00001-of-00002.safetensors", 0.5)
+    fix = inspect_model_folder(path).problem("shard-truncated").fix
+    assert f"internlm-kit download internlm/internlm2-chat-7b --local-dir {path}" in fix
+    assert "folder name" in fix
+
+    converted = make_model_folder(tmp_path / "internlm2-chat-7b-llama", config={**CONFIG, "model_type": "llama"})
+    truncate(converted / "model-00001-of-00002.safetensors", 0.5)
+    fix = inspect_model_folder(converted).problem("shard-truncated").fix
+    assert f"internlm-kit download OWNER/NAME --local-dir {converted}" in fix  # not a hub repo's name
+
+
+def test_a_folder_with_neither_config_nor_weights_is_one_problem(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("hello\n")
+    folder = inspect_model_folder(tmp_path / "x")
+    assert codes(folder) == ["not-a-model-folder"]
+    assert "--model" in folder.problems[0].fix and "OWNER/NAME" in folder.problems[0].fix
+    with pytest.raises(ModelFolderError) as raised:
+        open_model_folder(tmp_path / "x")
+    assert "is not a model folder" in raised.value.message and "more problem" not in raised.value.message

@@ -8,9 +8,18 @@ import sys
 
 from setup_kit.checks.base import Context, Result, check, fail, ok, skip, warn
 from setup_kit.checks.fixes import pip_install, profile_install
+from setup_kit.modelfolder import download_command
 
 MODEL = "Model folder"
 NO_MODEL = "no model folder given (--model DIR)"
+NO_FOLDER = {"folder-missing": "no folder", "not-a-model-folder": "not a model folder"}
+
+
+def _no_folder(ctx: Context) -> str | None:
+    """Why the per-file checks have nothing to look at (model.config reports it, once)."""
+    if ctx.model is None:
+        return None
+    return next((NO_FOLDER[p.code] for p in ctx.model.problems if p.code in NO_FOLDER), None)
 
 
 def _from_problems(ctx: Context, codes: tuple[str, ...], good: str, *details: str) -> Result:
@@ -30,21 +39,22 @@ def _from_problems(ctx: Context, codes: tuple[str, ...], good: str, *details: st
 @check("model.config", MODEL, "config.json readable, a supported model_type", needs=("model",))
 def config(ctx: Context) -> Result:
     good = f"model_type {ctx.model.model_type}, dtype {ctx.model.torch_dtype or '?'}" if ctx.model else ""
-    return _from_problems(ctx, ("folder-missing", "config-missing", "config-unreadable", "model-type-unsupported"), good)
+    return _from_problems(ctx, ("folder-missing", "not-a-model-folder", "config-missing", "config-unreadable",
+                                "model-type-unsupported"), good)
 
 
 @check("model.tokenizer", MODEL, "Tokenizer files present", needs=("model",))
 def tokenizer(ctx: Context) -> Result:
-    if ctx.model is not None and ctx.model.problem("folder-missing"):
-        return skip("no folder")
+    if reason := _no_folder(ctx):
+        return skip(reason)
     good = ", ".join(ctx.model.tokenizer_files) if ctx.model else ""
     return _from_problems(ctx, ("tokenizer-missing", "tokenizer-lfs-pointer", "tokenizer-config-missing"), good)
 
 
 @check("model.weights", MODEL, "Every shard present and as long as its header says", needs=("model",))
 def weights(ctx: Context) -> Result:
-    if ctx.model is not None and ctx.model.problem("folder-missing"):
-        return skip("no folder")
+    if reason := _no_folder(ctx):
+        return skip(reason)
     folder = ctx.model
     good = ""
     details: list[str] = []
@@ -124,8 +134,7 @@ def _imports_fix(ctx: Context, failed: list[dict]) -> str:
         package = module.replace("_", "-")
         pin = ctx.fix_profile.pin(package) if ctx.fix_profile else None
         if module == "flash_attn":
-            fixes.append(f"internlm-kit download --local-dir {ctx.model_path}   (the latest remote code imports "
-                         "flash_attn only when present)")
+            fixes.append(f"The latest remote code imports flash_attn only when present: {download_command(ctx.model)}")
         else:
             fixes.append(pip_install(ctx.python, [pin.requirement if pin else package]))
     if any("statement" in i for i in failed):
