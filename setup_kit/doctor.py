@@ -110,8 +110,11 @@ def describe_target(ctx: Context, profile_reason: str) -> dict:
 
 
 def diagnose(python: str | None = None, model: str | Path | None = None, profile: str | None = None,
-             only: list[str] | None = None, dtype: str = "auto") -> Report:
-    """Run the doctor's checks (all, or those named by `only`) against a target interpreter."""
+             only: list[str] | None = None, dtype: str = "auto", engine: str = "native") -> Report:
+    """Run the doctor's checks (all, or those named by `only`) against a target interpreter.
+
+    `engine` is whose verdict it is: for "native" (the kit's default) the model's remote code failing
+    is a warning, for "remote-code" (trust_remote_code) a problem."""
     from setup_kit import probe
     from setup_kit.profiles import load_profile
 
@@ -130,6 +133,8 @@ def diagnose(python: str | None = None, model: str | Path | None = None, profile
                 process.kill()
                 process.wait()
     ctx.dtype = normalize_dtype(dtype)
+    if engine == "remote-code":  # native leaves it unset: every package the model may need is still checked
+        ctx.engine = engine
     ctx.profile, ctx.profile_reason, ctx.profile_explicit, ctx.fix_profile = choose_profile(
         ctx.env, profile, bool(ctx.gpu and ctx.gpu.gpus))
     return Report(describe_target(ctx, ctx.profile_reason), run_checks(checks, ctx))

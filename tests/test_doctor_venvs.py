@@ -51,13 +51,14 @@ def test_transformers_4_34_with_hub_upgraded_over_it(old_transformers_venv, tmp_
     assert dependencies["fix"] == f'{python} -m pip install "huggingface_hub<0.18,<1.0,>=0.16.4"'
 
     known = " ".join(checks["known-issues"]["details"])
-    for rule in ("protobuf-missing", "accelerate-missing-old-transformers", "tokenizers-0.14-hub-too-new",
-                 "remote-code-needs-static-cache"):
-        assert f"[{rule}]" in known
+    for rule in ("protobuf-missing", "accelerate-missing-old-transformers", "tokenizers-0.14-hub-too-new"):
+        assert f"[{rule}] you would see" in known
     assert "InternLM2Converter requires the protobuf library" in known
+    # the import check below reports StaticCache; the rule about it does not count it a second time
+    assert "[remote-code-needs-static-cache] left to model.remote-code-imports" in known
 
     imports = checks["model.remote-code-imports"]
-    assert imports["status"] == "fail"
+    assert imports["status"] == "warn"  # the native engine (the default) runs no remote code
     assert "from transformers.cache_utils import" in imports["summary"]
     assert "No module named 'transformers.cache_utils'" in imports["summary"]
     assert "FAIL import einops" in " ".join(imports["details"])

@@ -22,6 +22,9 @@ def command(
     list_checks: bool = typer.Option(False, "--list-checks", help="List the check ids and exit."),
     dtype: str = typer.Option("auto", "--dtype", metavar="DTYPE", help="dtype for the GPU memory and bf16 checks: "
                                                       "auto, bfloat16, float16, float32."),
+    engine: str = typer.Option("native", "--engine", metavar="ENGINE",
+                               help="Whose verdict: native (the kit's default engine, no remote code) or "
+                                    "remote-code (trust_remote_code: remote code that cannot run is a problem)."),
 ) -> None:
     """Inspect an environment, the GPU stack and a model folder; print a fix for every problem.
 
@@ -43,9 +46,13 @@ def command(
     if normalize_dtype(dtype) not in ("auto", "bfloat16", "float16", "float32"):
         raise UsageError(f"--dtype {dtype} is not one of auto, bfloat16, float16, float32.",
                          "Pass --dtype float16 (GPUs before compute capability 8.0) or leave it out.")
+    if engine not in ("native", "remote-code"):
+        raise UsageError(f"--engine {engine} is not one of native, remote-code.",
+                         "Leave it out (native, the engine internlm-kit chat uses), or pass --engine remote-code "
+                         "to check for trust_remote_code.")
 
     ids = [part.strip() for part in only.split(",") if part.strip()] if only else None
-    report = diagnose(python=python, model=model, profile=profile, only=ids, dtype=dtype)
+    report = diagnose(python=python, model=model, profile=profile, only=ids, dtype=dtype, engine=engine)
     if as_json:
         typer.echo(report.to_json())
     else:

@@ -26,7 +26,7 @@ def check_remote_code_imports(model_dir: Path) -> None:
     """Raise a clear KitError unless the doctor's remote-code import check passes here."""
     from setup_kit import doctor
 
-    report = doctor.diagnose(model=str(model_dir), only=[IMPORT_CHECK])
+    report = doctor.diagnose(model=str(model_dir), only=[IMPORT_CHECK], engine="remote-code")
     result = next((c for c in report.checks if c.id == IMPORT_CHECK), None)
     if result is None or result.status in ("ok", "skip", "warn"):
         return
