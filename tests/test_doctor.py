@@ -254,22 +254,62 @@ def test_a_damaged_model_folder_fails_the_right_check(tmp_path, no_gpu, damage, 
     assert f"internlm-kit download OWNER/NAME --local-dir {path}" in check["fix"]  # nothing names the repo
 
 
-def test_remote_code_importing_what_this_transformers_lacks_fails_in_the_target(tmp_path, no_gpu):
+def test_remote_code_importing_what_this_transformers_lacks_is_found_in_the_target(tmp_path, no_gpu):
+    """A warning for the native engine (the default), one problem for --engine remote-code: never
+    counted twice by the known-issue rule about the same import."""
     modeling = MODELING_OK + "from transformers.modeling_attn_mask_utils import AttentionMaskConverter\n"
     path = make_model_folder(tmp_path / "internlm2-chat-1_8b", modeling=modeling)
-    report, result = doctor_json("--model", str(path), "--only", "model.remote-code-imports,known-issues",
-                                 env=no_gpu)
+    only = ("--only", "model.remote-code-imports,known-issues")
+    report, result = doctor_json("--model", str(path), *only, env=no_gpu)
     assert_contract(report, result)
+    assert report["ok"] is True and result.returncode == 0
     check = by_id(report)["model.remote-code-imports"]
-    assert check["status"] == "fail"
+    assert check["status"] == "warn"
     assert "from transformers.modeling_attn_mask_utils import AttentionMaskConverter" in check["summary"]
     assert "No module named 'transformers.modeling_attn_mask_utils'" in check["summary"]
+    assert "the native engine, internlm-kit chat's default, does not" in check["summary"]
     assert "internlm-kit chat --engine native" in check["fix"]
     assert "internlm-kit install --profile current" in check["fix"]
     # the imports every transformers has still resolve
     assert any(d.startswith("ok   from transformers.modeling_utils import PreTrainedModel") for d in check["details"])
     known = by_id(report)["known-issues"]
-    assert known["status"] == "fail" and "[remote-code-attn-mask-utils]" in " ".join(known["details"])
+    assert known["status"] == "ok"
+    assert "[remote-code-attn-mask-utils] left to model.remote-code-imports" in " ".join(known["details"])
+
+    report, result = doctor_json("--model", str(path), "--engine", "remote-code", *only, env=no_gpu)
+    assert_contract(report, result)
+    assert result.returncode == 1
+    assert {c["id"]: c["status"] for c in report["checks"]} == {"known-issues": "ok",
+                                                              "model.remote-code-imports": "fail"}
+
+    # Without the import check to report it, the rule is what says so, with the same severity.
+    report, result = doctor_json("--model", str(path), "--only", "known-issues", env=no_gpu)
+    known = by_id(report)["known-issues"]
+    assert known["status"] == "warn" and result.returncode == 0
+    assert "[remote-code-attn-mask-utils] you would see" in " ".join(known["details"])
+    report, result = doctor_json("--model", str(path), "--only", "known-issues", "--engine", "remote-code",
+                                 env=no_gpu)
+    assert by_id(report)["known-issues"]["status"] == "fail" and result.returncode == 1
+
+
+def test_a_healthy_tiny_model_on_the_cpu_stack_is_one_warning_not_a_failure(tiny_internlm2_dir, no_gpu):
+    """The kit's own no-GPU stack (transformers 5.24) and a sound folder whose remote code, like the
+    hub's, cannot import there: the native engine needs none of it, so the doctor passes."""
+    report, result = doctor_json("--model", str(tiny_internlm2_dir), env=no_gpu)
+    assert_contract(report, result)
+    assert report["ok"] is True and result.returncode == 0
+    warnings = [c for c in report["checks"] if c["status"] == "warn"]
+    assert [c["id"] for c in warnings] == ["model.remote-code-imports"]
+    assert "native engine" in warnings[0]["summary"] and "trust_remote_code" in warnings[0]["summary"]
+    text = doctor("--model", str(tiny_internlm2_dir), env=no_gpu)
+    assert text.returncode == 0
+    assert text.stdout.strip().splitlines()[-1].startswith("No problems found: 1 warning,")
+
+
+def test_an_engine_the_doctor_does_not_know_is_a_usage_error():
+    result = doctor("--engine", "vllm", "--only", "hf.env")
+    assert result.returncode == 2 and "--engine vllm is not one of native, remote-code" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_a_dot_in_the_folder_name_with_remote_code_is_reported(tmp_path, no_gpu):
@@ -318,6 +358,22 @@ def test_preflight_is_fast_imports_no_torch_and_checks_what_the_engine_needs(tmp
     assert checks["model.weights"]["status"] == "fail"
     assert "model.remote-code" in checks and "known-issues" in checks
     assert "gpu.bf16" not in checks  # --device cpu: GPU checks do not matter
+
+
+def test_the_remote_code_preflight_still_fails_where_the_remote_code_cannot_import(tiny_internlm2_dir, no_gpu):
+    """The engine that runs the remote code is refused before loading, while the native engine's
+    pre-flight on the same folder passes."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version("5.24"):
+        pytest.skip("this transformers still has modeling_attn_mask_utils")
+    out = run_preflight("remote-code", tiny_internlm2_dir, "cpu", "auto", env=no_gpu)
+    known = by_id(out["report"])["known-issues"]
+    assert out["report"]["ok"] is False
+    assert known["status"] == "fail" and "[remote-code-attn-mask-utils]" in " ".join(known["details"])
+    assert "internlm-kit chat --engine native" in known["fix"]
+    assert run_preflight("native", tiny_internlm2_dir, "cpu", "auto", env=no_gpu)["report"]["ok"] is True
 
 
 def test_preflight_with_cuda_asked_for_on_a_machine_without_gpu(no_gpu):

@@ -175,5 +175,9 @@ def remote_code_imports_resolve(ctx: Context) -> Result:
         return ok(f"all {len(results)} imports of the remote code resolve (transformers {transformers})", *details)
     first = failed[0]
     what = first.get("statement") or f"import {first['module']}"
-    return fail(f"{what} fails in {first['file']} on transformers {transformers}: {first['error']}",
-                _imports_fix(ctx, failed), *details)
+    summary = f"{what} fails in {first['file']} on transformers {transformers}: {first['error']}"
+    if ctx.engine == "remote-code":  # the preflight or `doctor --engine remote-code`: that engine cannot start
+        return fail(summary, _imports_fix(ctx, failed), *details)
+    # The kit's default engine runs the same weights without this code: only trust_remote_code needs it.
+    return warn(f"{summary} (only trust_remote_code needs the remote code; the native engine, "
+                "internlm-kit chat's default, does not)", _imports_fix(ctx, failed), *details)
