@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from setup_kit.errors import KitError
-from setup_kit.session import Session, TurnResult
+from setup_kit.session import ChatError, Session, TurnResult
 
 MULTILINE = '"""'
 EXIT_WORDS = {"exit", "/exit", "/bye", "/quit"}
@@ -51,6 +51,7 @@ class Terminal:
     out: TextIO
     err: Console
     json: bool = False
+    interactive: bool = False  # slash commands work here, so advice may name them
 
     def text(self, piece: str) -> None:
         self.out.write(piece)
@@ -60,7 +61,8 @@ class Terminal:
         self.err.print(escape(message), style=style or None, highlight=False)
 
     def error(self, exc: KitError) -> None:
-        text = exc.message + (f"\n  fix: {exc.fix}" if exc.fix else "")
+        fix = exc.chat_fix if self.interactive and isinstance(exc, ChatError) else exc.fix
+        text = exc.message + (f"\n  fix: {fix}" if fix else "")
         self.err.print(f"[bold red]error:[/bold red] {escape(text)}", highlight=False)
 
 
@@ -94,9 +96,9 @@ class Repl:
             self.term.note("(reply stopped; what was said is kept in the conversation)"
                            if result.reply else "(reply stopped before it began)")
         elif result.stats.stop == "length":
+            more = "/set max_new_tokens N, /reset" if self.term.interactive else "--max-new-tokens N"
             self.term.note(f"(reply cut at its length limit, {result.stats.completion_tokens} "
-                           "tokens: max_new_tokens or the room left in the context window; "
-                           "/set max_new_tokens N, /reset)")
+                           f"tokens: max_new_tokens or the room left in the context window; {more})")
         if result.error is not None:
             self.term.error(result.error)
         if self.term.json:
@@ -106,6 +108,7 @@ class Repl:
     # -- the interactive loop ---------------------------------------------------------------
 
     def interactive(self) -> int:
+        self.term.interactive = True
         readline = _setup_readline(self.history_file)
         self.term.note('Type a message; /help for commands, """ for multi-line input, '
                        "Ctrl-C stops a reply, Ctrl-D or /exit ends the session.")

@@ -37,6 +37,23 @@ SETTABLE = {"temperature": float, "top_p": float, "max_new_tokens": int, "seed":
 LOG_ENV = "INTERNLM_KIT_CHAT_LOG"
 
 
+class ChatError(KitError):
+    """An error whose advice depends on where the user is: `fix` names the command-line options
+    (piped input, `--prompt`), `chat_fix` the slash commands of the interactive chat."""
+
+    def __init__(self, message: str, fix: str, chat_fix: str):
+        super().__init__(message, fix)
+        self.chat_fix = chat_fix
+
+
+class ContextOverflow(KitError):
+    """An engine's server refused the prompt as too long for its context window.
+
+    Only the server knows its tokenizer (our count for it is an estimate), so the session takes
+    this as the word that settles it: it drops the oldest exchange and asks again.
+    """
+
+
 @dataclass
 class TurnResult:
     """What one `send` did: the exchange, its statistics, and what the budget had to drop."""
@@ -91,27 +108,26 @@ class Session:
 
         The exchange joins the history when the reply ends, however it ends: a reply stopped by
         Ctrl-C or by an engine error keeps the text that arrived. One stopped before any text
-        arrived keeps nothing, so the user can simply ask again.
+        arrived keeps nothing, so the user can simply ask again. When the engine's server says the
+        prompt does not fit its window, the oldest exchanges are dropped one at a time and the
+        request is sent again, down to the system prompt and `text` alone.
         """
+        kept = list(self.history)
         dropped, params = self._make_room(text)
-        messages = self.messages(text)
-        _log_request(messages)
-        pieces: list[str] = []
-        error: KitError | None = None
         started = time.perf_counter()
-        try:
-            for piece in self.engine.stream(messages, params, cancel):
-                pieces.append(piece)
-                if on_text is not None:
-                    on_text(piece)
-        except KitError as exc:
-            error = exc
-        except Exception as exc:
-            if "OutOfMemoryError" not in type(exc).__name__:
-                raise  # a bug: let it show
-            error = KitError(f"The device ran out of memory during the reply ({exc}).".replace(
-                "\n", " "), fix="Lower max_new_tokens (/set max_new_tokens 256), forget old turns "
-                "(/reset), or use a smaller dtype (--dtype fp16/bf16).")
+        while True:
+            pieces, error = self._stream(self.messages(text), params, on_text, cancel)
+            if not isinstance(error, ContextOverflow):
+                break
+            if not self.history:
+                self.history[:] = kept  # nothing was sent: the conversation stays as it was
+                raise ChatError(
+                    "This message does not fit the server's context window even with the rest "
+                    f"of the conversation dropped: {error.message}",
+                    fix="Send a shorter message, or ask for a shorter reply (--max-new-tokens N).",
+                    chat_fix="Send a shorter message, or ask for a shorter reply "
+                             "(/set max_new_tokens N).")
+            dropped += self._drop_oldest()
         reply = "".join(pieces)
         stats = self._stats_after(error, started, len(pieces), cancel)
         stopped_before_any_text = not reply and (error is not None or stats.stop == "interrupt")
@@ -121,13 +137,35 @@ class Session:
         self.last = TurnResult(text, reply, stats, dropped, error)
         return self.last
 
+    def _stream(self, messages: list[Message], params: GenerationParams,
+                on_text: Callable[[str], None] | None,
+                cancel: threading.Event | None) -> tuple[list[str], KitError | None]:
+        """One request to the engine: the pieces that arrived, and the error that ended it."""
+        _log_request(messages)
+        pieces: list[str] = []
+        try:
+            for piece in self.engine.stream(messages, params, cancel):
+                pieces.append(piece)
+                if on_text is not None:
+                    on_text(piece)
+        except KitError as exc:
+            return pieces, exc
+        except Exception as exc:
+            if "OutOfMemoryError" not in type(exc).__name__:
+                raise  # a bug: let it show
+            return pieces, KitError(
+                f"The device ran out of memory during the reply ({exc}).".replace("\n", " "),
+                fix="Lower max_new_tokens (/set max_new_tokens 256), forget old turns "
+                "(/reset), or use a smaller dtype (--dtype fp16/bf16).")
+        return pieces, None
+
     def _stats_after(self, error: KitError | None, started: float, pieces: int,
                      cancel: threading.Event | None) -> GenerationStats:
         if error is None:
             return self.engine.last_stats
         # The engine died mid-reply: its own statistics may be stale, so describe what we saw.
         stats = GenerationStats(completion_tokens=pieces, seconds=time.perf_counter() - started,
-                                stop="interrupt")
+                                stop="error")
         engine_stats = self.engine.last_stats
         stats.prompt_tokens = engine_stats.prompt_tokens
         stats.first_token_seconds = engine_stats.first_token_seconds
@@ -148,10 +186,7 @@ class Session:
             prompt = self.engine.count_prompt_tokens(self.messages(text))
             if prompt + wanted <= window or not self.history:
                 break
-            # One exchange at a time, so the history never starts with an assistant message.
-            cut = 2 if len(self.history) >= 2 else 1
-            del self.history[:cut]
-            dropped += cut
+            dropped += self._drop_oldest()
         room = window - prompt
         if room <= 0:
             raise UsageError(
@@ -163,6 +198,15 @@ class Session:
         if room < wanted:
             params = GenerationParams(**{**asdict(self.params), "max_new_tokens": room})
         return dropped, params
+
+    def _drop_oldest(self) -> int:
+        """Drop the oldest exchange; returns how many messages went.
+
+        One exchange at a time, so the history never starts with an assistant message.
+        """
+        cut = 2 if len(self.history) >= 2 else 1
+        del self.history[:cut]
+        return cut
 
     def context_tokens(self) -> int:
         """Tokens the history and system prompt take now."""

@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from setup_kit.engines.base import DEFAULT_SYSTEM_PROMPT, GenerationParams
 from setup_kit.engines.openai_engine import OpenAIEngine, normalize_endpoint
 from setup_kit.errors import KitError, UsageError
-from setup_kit.session import Session
+from setup_kit.repl import Terminal
+from setup_kit.session import ChatError, Session
+
+EXE = str(Path(sys.executable).with_name("internlm-kit"))
+
+
+def chat(*args: str, stdin: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`internlm-kit chat` as a user runs it, with its request log in tmp_path."""
+    env = {**os.environ, "INTERNLM_KIT_STATE_DIR": str(tmp_path), "NO_COLOR": "1",
+           "INTERNLM_KIT_CHAT_LOG": str(tmp_path / "requests.jsonl")}
+    return subprocess.run([EXE, "chat", *args], input=stdin, capture_output=True, text=True,
+                          env=env, timeout=120)
 
 
 def test_endpoint_forms_all_mean_the_v1_api():
@@ -70,7 +88,7 @@ def test_server_going_away_mid_reply_keeps_the_partial_reply(scripted_openai_ser
     assert "went away in the middle of the reply" in result.error.message
     assert result.reply == "echo: tel"
     assert session.history[-1] == {"role": "assistant", "content": "echo: tel"}
-    assert result.stats.stop == "interrupt"
+    assert result.stats.stop == "error"
     # the session goes on once the server is back
     scripted_openai_server.behaviour.die_after = None
     assert session.send("again").reply == "echo: again"
@@ -109,3 +127,83 @@ def test_unknown_model_is_the_servers_own_message(scripted_openai_server):
     result = session.send("hi")
     assert "HTTP 404" in result.error.message and "not found" in result.error.message
     assert result.reply == "" and session.history == []  # nothing arrived: nothing to keep
+
+
+def test_the_kits_server_window_is_read_and_a_piped_chat_drops_old_turns_to_fit(kit_server,
+                                                                                tmp_path):
+    # The tiny model's window is 256 tokens; the default system prompt and two turns overflow it.
+    assert OpenAIEngine(kit_server.url).context_window == kit_server.served.context_window == 256
+    result = chat("--endpoint", kit_server.url, "--max-new-tokens", "4", "--greedy", "--json",
+                  stdin="one\ntwo\n", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    turns = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [t["user"] for t in turns] == ["one", "two"]
+    assert [t["stop"] for t in turns] in (["length", "length"], ["length", "eos"],
+                                          ["eos", "length"], ["eos", "eos"])
+    assert "dropped the 2 oldest messages" in result.stderr and "256-token" in result.stderr
+    assert "error" not in result.stderr
+    assert "--max-new-tokens N" in result.stderr and "/set" not in result.stderr  # piped
+    sent = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
+    assert [m["role"] for m in sent[-1]] == ["system", "user"]  # the system prompt was kept
+    assert sent[-1][-1]["content"] == "two"
+
+
+def test_a_context_length_refusal_drops_the_oldest_exchange_and_asks_again(
+        scripted_openai_server):
+    server = scripted_openai_server
+    server.behaviour.context_window = 250  # one token per character
+    server.behaviour.send_usage = False  # so our estimate stays rough and the server decides
+    session = Session(OpenAIEngine(server.url), system="Be brief.",
+                      params=GenerationParams(max_new_tokens=10))
+    first = session.send("a" * 100)
+    assert first.dropped == 0 and first.error is None
+    second = session.send("b" * 120)  # 9 + 100 + 30 + 120 + 10 > 250: the server refuses
+    assert second.error is None and second.reply.startswith("echo: bbb")
+    assert second.dropped == 2
+    refused, retried = server.requests[-2:]
+    assert [m["role"] for m in refused["messages"]] == ["system", "user", "assistant", "user"]
+    assert retried["messages"] == [{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": "b" * 120}]
+    assert session.history == [{"role": "user", "content": "b" * 120},
+                               {"role": "assistant", "content": second.reply}]
+
+
+def test_a_message_too_long_even_alone_is_one_clear_error(scripted_openai_server, tmp_path):
+    server = scripted_openai_server
+    server.behaviour.context_window = 300
+    session = Session(OpenAIEngine(server.url), system="Be brief.",
+                      params=GenerationParams(max_new_tokens=10))
+    session.send("hello")
+    before = list(session.history)
+    with pytest.raises(ChatError) as info:
+        session.send("x" * 400)
+    assert "does not fit the server's context window" in info.value.message
+    assert "maximum context length is 300 tokens" in info.value.message  # the server's word
+    assert "--max-new-tokens" in info.value.fix and "/set max_new_tokens" in info.value.chat_fix
+    assert session.history == before  # nothing was answered, so nothing was forgotten
+
+    result = chat("--endpoint", server.url, "--system", "Be brief.", "--prompt", "x" * 400,
+                  stdin="", tmp_path=tmp_path)
+    assert result.returncode == 1
+    assert "does not fit the server's context window" in result.stderr
+    assert "--max-new-tokens" in result.stderr and "/set" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_another_refusal_is_a_failed_turn_with_advice_for_where_the_user_is(
+        scripted_openai_server, tmp_path):
+    server = scripted_openai_server
+    server.behaviour.refuse = "top_p must be in (0, 1]"
+    result = chat("--endpoint", server.url, "--json", stdin="hi\n", tmp_path=tmp_path)
+    assert result.returncode == 1
+    turn = json.loads(result.stdout)
+    assert (turn["reply"], turn["stop"]) == ("", "error")
+    assert "HTTP 400: top_p must be in (0, 1]" in result.stderr
+    assert "--temperature" in result.stderr and "/set" not in result.stderr  # piped: no /set here
+    assert "Traceback" not in result.stderr
+
+    # The interactive chat names its own command for the same refusal.
+    error = Session(OpenAIEngine(server.url)).send("hi").error
+    shown = io.StringIO()
+    Terminal(io.StringIO(), Console(file=shown, width=200), interactive=True).error(error)
+    assert "HTTP 400" in shown.getvalue() and "(/set)" in shown.getvalue()

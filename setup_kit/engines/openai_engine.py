@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 from setup_kit.engines.base import GenerationParams, GenerationStats, Message
 from setup_kit.errors import KitError, UsageError
+from setup_kit.session import ChatError, ContextOverflow
 
 # Used when the server does not say: InternLM2's trained context.
 DEFAULT_CONTEXT_WINDOW = 32768
@@ -56,8 +57,10 @@ class OpenAIEngine:
             raise KitError(f"The server at {self.base_url} lists no models.",
                            fix="Name the model with --model NAME.")
         info = next((m for m in listed if m.get("id") == self.model), {})
+        # vLLM reports max_model_len, `internlm-kit serve` context_window.
         self.context_window = int(context_window or info.get("max_model_len")
-                                  or info.get("context_length") or DEFAULT_CONTEXT_WINDOW)
+                                  or info.get("context_length") or info.get("context_window")
+                                  or DEFAULT_CONTEXT_WINDOW)
 
     # -- Engine -----------------------------------------------------------------------------
 
@@ -180,10 +183,16 @@ class OpenAIEngine:
                 response_box.append(response)
                 if response.status_code != 200:
                     response.read()
-                    raise KitError(f"The server at {self.base_url} refused the request: HTTP "
-                                   f"{response.status_code}: {_error_text(response)}",
-                                   fix="Check the model name (--model) and the settings "
-                                       "(/set), or the server's log.")
+                    refusal = (f"The server at {self.base_url} refused the request: HTTP "
+                               f"{response.status_code}: {_error_text(response)}")
+                    if response.status_code == 400 and _is_context_overflow(response.text):
+                        raise ContextOverflow(refusal)
+                    raise ChatError(refusal,
+                                    fix="Check the model name (--model) and the generation "
+                                        "options (--max-new-tokens, --temperature, --top-p), "
+                                        "or the server's log.",
+                                    chat_fix="Check the model name (--model) and the settings "
+                                             "(/set), or the server's log.")
                 finished = False
                 for event in _sse_events(response.iter_lines()):
                     if event == "[DONE]":
@@ -256,6 +265,13 @@ def _error_text(response) -> str:
         return (err.get("message") if isinstance(err, dict) else str(err))[:300]
     except Exception:  # noqa: BLE001 - any body at all is better than none
         return response.text[:300]
+
+
+def _is_context_overflow(body: str) -> bool:
+    """OpenAI's and vLLM's "maximum context length", OpenAI's and `internlm-kit serve`'s
+    context_length_exceeded code."""
+    body = body.lower()
+    return "context_length_exceeded" in body or "maximum context length" in body
 
 
 def _describe(exc: BaseException) -> str:
