@@ -31,3 +31,20 @@ class UsageError(KitError):
 
 class ModelFolderError(KitError):
     """A model folder that is missing, incomplete or not something the kit understands."""
+
+
+class ChatError(KitError):
+    """An error whose advice depends on where the user is: `fix` names the command-line options
+    (piped input, `--prompt`), `chat_fix` the slash commands of the interactive chat."""
+
+    def __init__(self, message: str, fix: str, chat_fix: str):
+        super().__init__(message, fix)
+        self.chat_fix = chat_fix
+
+
+class ContextOverflow(KitError):
+    """An engine's server refused the prompt as too long for its context window.
+
+    Only the server knows its tokenizer (our count for it is an estimate), so the session takes
+    this as the word that settles it: it drops the oldest exchange and asks again.
+    """

@@ -23,8 +23,8 @@ from typing import TextIO
 from rich.console import Console
 from rich.markup import escape
 
-from setup_kit.errors import KitError
-from setup_kit.session import ChatError, Session, TurnResult
+from setup_kit.errors import ChatError, KitError
+from setup_kit.session import Session, TurnResult
 
 MULTILINE = '"""'
 EXIT_WORDS = {"exit", "/exit", "/bye", "/quit"}

@@ -27,7 +27,7 @@ from setup_kit.engines.base import (
     GenerationStats,
     Message,
 )
-from setup_kit.errors import KitError, UsageError
+from setup_kit.errors import ChatError, ContextOverflow, KitError, UsageError
 
 SAVE_FORMAT = "internlm-kit-chat"
 SAVE_VERSION = 1
@@ -35,23 +35,6 @@ SAVE_VERSION = 1
 SETTABLE = {"temperature": float, "top_p": float, "max_new_tokens": int, "seed": int}
 # `INTERNLM_KIT_CHAT_LOG=FILE`: append every message list sent to the engine as one JSON line.
 LOG_ENV = "INTERNLM_KIT_CHAT_LOG"
-
-
-class ChatError(KitError):
-    """An error whose advice depends on where the user is: `fix` names the command-line options
-    (piped input, `--prompt`), `chat_fix` the slash commands of the interactive chat."""
-
-    def __init__(self, message: str, fix: str, chat_fix: str):
-        super().__init__(message, fix)
-        self.chat_fix = chat_fix
-
-
-class ContextOverflow(KitError):
-    """An engine's server refused the prompt as too long for its context window.
-
-    Only the server knows its tokenizer (our count for it is an estimate), so the session takes
-    this as the word that settles it: it drops the oldest exchange and asks again.
-    """
 
 
 @dataclass

@@ -16,9 +16,9 @@ from rich.console import Console
 
 from setup_kit.engines.base import DEFAULT_SYSTEM_PROMPT, GenerationParams
 from setup_kit.engines.openai_engine import OpenAIEngine, normalize_endpoint
-from setup_kit.errors import KitError, UsageError
+from setup_kit.errors import ChatError, KitError, UsageError
 from setup_kit.repl import Terminal
-from setup_kit.session import ChatError, Session
+from setup_kit.session import Session
 
 EXE = str(Path(sys.executable).with_name("internlm-kit"))
 

@@ -33,7 +33,7 @@ def write_profile(folder: Path, name: str, pins: dict[str, str], python: str = "
     lines = [f'name = "{name}"', f'summary = "test profile {name}"', f'python = "{python}"', f'cuda = "{cuda}"',
              "", "[torch_source]", f'index_url = "{index_url}"', 'why = "test"', ""]
     for package, version in pins.items():
-        lines += ["[[pin]]", f'name = "{package}"', f'version = "{version}"', f'why = "test pin"', ""]
+        lines += ["[[pin]]", f'name = "{package}"', f'version = "{version}"', 'why = "test pin"', ""]
     path = folder / f"{name}.toml"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

@@ -65,7 +65,7 @@ def test_missing_backend_prints_the_install_command_and_exits_1(backend, tiny_in
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert f"needs the `{backend}` package" in done.stderr
-    assert f"-m pip install " in done.stderr and backend in done.stderr.split("pip install", 1)[1]
+    assert "-m pip install " in done.stderr and backend in done.stderr.split("pip install", 1)[1]
 
 
 @pytest.fixture

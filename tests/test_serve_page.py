@@ -6,8 +6,6 @@ stop button ends it mid-reply, new chat forgets the conversation, and server err
 
 from __future__ import annotations
 
-import shutil
-import time
 from pathlib import Path
 
 import pytest

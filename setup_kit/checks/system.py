@@ -116,7 +116,7 @@ def hf_env(ctx: Context) -> Result:
                          f"export HF_HOME={Path(env['TRANSFORMERS_CACHE']).parent} && unset TRANSFORMERS_CACHE"))
     home = env.get("HF_HOME")
     if home and Path(home).exists() and not os.access(home, os.W_OK):
-        problems.append(("fail", f"HF_HOME={home} is not writable", f"export HF_HOME=~/.cache/huggingface"))
+        problems.append(("fail", f"HF_HOME={home} is not writable", "export HF_HOME=~/.cache/huggingface"))
     if not problems:
         shown = f"HF_ENDPOINT={endpoint}" if endpoint else "default hub endpoint"
         return ok(f"{shown}; nothing that blocks downloads or hides the GPU", *details)

@@ -15,8 +15,7 @@ import time
 from collections.abc import Iterator
 
 from setup_kit.engines.base import GenerationParams, GenerationStats, Message
-from setup_kit.errors import KitError, UsageError
-from setup_kit.session import ChatError, ContextOverflow
+from setup_kit.errors import ChatError, ContextOverflow, KitError, UsageError
 
 # Used when the server does not say: InternLM2's trained context.
 DEFAULT_CONTEXT_WINDOW = 32768

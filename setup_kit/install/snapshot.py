@@ -164,7 +164,7 @@ def find_snapshot(name: str | None, python: str) -> Snapshot:
     if not path.is_file():
         known = ", ".join(s.id for s in list_snapshots(python)[-5:]) or "none"
         raise UsageError(f"There is no snapshot '{name}' (latest of {python}: {known}).",
-                         f"Pass one of those ids, a path to a snapshot .json, or no value for the latest.")
+                         "Pass one of those ids, a path to a snapshot .json, or no value for the latest.")
     return load_snapshot(path)
 
 
