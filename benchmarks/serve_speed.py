@@ -63,14 +63,11 @@ CANDIDATES = [
 ]
 
 
-# Every server and bare generate get the same messages. The system message is explicit because the
-# servers differ in what they add without one (the kit and LMDeploy add InternLM's default prompt,
-# `transformers serve` adds nothing).
-SYSTEM = "You are a helpful assistant."
-
-
 def messages(text: str) -> list[dict]:
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
+    """Every server and bare generate get the same conversation: one user message, no system prompt
+    (the kit's server runs with --system "", since by default it adds InternLM's, as LMDeploy does,
+    and `transformers serve` adds none)."""
+    return [{"role": "user", "content": text}]
 
 
 def prepare_model(tmp: Path) -> Path:
@@ -280,7 +277,7 @@ def main() -> int:
         servers = {}
         port = free_port()
         kit = [str(bin_dir / "internlm-kit"), "serve", "--model", str(model_dir), "--port", str(port),
-               "--device", "cpu", "--dtype", "fp32", "--skip-checks", "--model-name", "bench",
+               "--device", "cpu", "--dtype", "fp32", "--skip-checks", "--model-name", "bench", "--system", "",
                "--max-batch", str(max(args.clients))]
         if args.threads:
             kit += ["--threads", str(args.threads)]

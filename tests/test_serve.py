@@ -253,3 +253,15 @@ def test_a_request_without_a_system_message_gets_internlms_default_one(kit_serve
     default = prompt_tokens([user])
     assert default == prompt_tokens([{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, user])
     assert prompt_tokens([{"role": "system", "content": "Be brief."}, user]) < default
+
+
+def test_serve_system_sets_or_turns_off_the_prompt_put_before_a_conversation_without_one():
+    from setup_kit.engines.base import DEFAULT_SYSTEM_PROMPT
+    from setup_kit.serve.app import with_default_system
+
+    user = [{"role": "user", "content": "hi"}]
+    assert with_default_system(user)[0] == {"role": "system", "content": DEFAULT_SYSTEM_PROMPT}
+    assert with_default_system(user, "Be brief.")[0] == {"role": "system", "content": "Be brief."}
+    assert with_default_system(user, "") == user  # serve --system "": nothing added
+    own = [{"role": "system", "content": "Mine."}, *user]
+    assert with_default_system(own, "Be brief.") == own

@@ -27,6 +27,9 @@ def command(
                                    help="Name clients use in `model` (default: the folder's name)."),
     skip_checks: bool = typer.Option(False, "--skip-checks",
                                      help="Start without the doctor's pre-flight checks."),
+    system: str = typer.Option(None, "--system", metavar="TEXT",
+                               help="System prompt for requests that bring none (default: InternLM's own; "
+                                    "\"\" for none)."),
     threads: int = typer.Option(None, "--threads", metavar="N", min=1,
                                 help="CPU threads for torch (default: torch's own choice)."),
 ) -> None:
@@ -41,6 +44,6 @@ def command(
     code = serve(ServeOptions(model=model, host=host, port=port, engine=engine, device=device,
                               dtype=short_dtype(dtype), api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                               backend=backend, tp=tp, model_name=model_name,
-                              skip_checks=skip_checks, threads=threads))
+                              skip_checks=skip_checks, threads=threads, system=system))
     if code:
         raise typer.Exit(code)

@@ -50,6 +50,7 @@ class ServedModel:
     tokenizer: object
     scheduler: BatchScheduler
     created: int = field(default_factory=schema.now)
+    system: str | None = None  # put before a conversation with no system message; None: InternLM's own
 
     @property
     def context_window(self) -> int:
@@ -178,20 +179,21 @@ def _emitter(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
     return emit
 
 
-def with_default_system(messages: list[dict]) -> list[dict]:
-    """InternLM's own system prompt in front of a conversation that brings none, as `internlm-kit chat`
-    and LMDeploy's api_server do: the same question gets the same prompt whichever way it is asked.
-    A system message, even an empty one, replaces it."""
+def with_default_system(messages: list[dict], system: str | None = None) -> list[dict]:
+    """The server's system prompt (InternLM's own unless `serve --system` set another; "" for none) in
+    front of a conversation that brings none, as `internlm-kit chat` and LMDeploy's api_server do: the
+    same question gets the same prompt whichever way it is asked. A system message replaces it."""
     from setup_kit.engines.base import DEFAULT_SYSTEM_PROMPT
 
-    if any(m["role"] == "system" for m in messages):
+    system = DEFAULT_SYSTEM_PROMPT if system is None else system
+    if not system or any(m["role"] == "system" for m in messages):
         return messages
-    return [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *messages]
+    return [{"role": "system", "content": system}, *messages]
 
 
 async def _encode(served: ServedModel, body: schema.ChatCompletionRequest) -> list[int]:
     try:
-        prompt = await run_in_threadpool(encode_chat, served.tokenizer, with_default_system(body.chat_messages()))
+        prompt = await run_in_threadpool(encode_chat, served.tokenizer, with_default_system(body.chat_messages(), served.system))
     except Exception as exc:  # the template rejects the conversation (e.g. roles out of order)
         raise APIError(400, f"These messages cannot be turned into a prompt: {exc}", param="messages") from None
     if len(prompt) >= served.context_window:

@@ -23,7 +23,7 @@ log = logging.getLogger("internlm_kit.serve")
 
 
 def served_model(model, tokenizer, model_id: str, *, max_batch: int = 8, max_queue: int = 32,
-                 eos_ids: set[int] | None = None) -> ServedModel:
+                 eos_ids: set[int] | None = None, system: str | None = None) -> ServedModel:
     from setup_kit.serve.app import ServedModel
     from setup_kit.serve.scheduler import BatchScheduler
 
@@ -33,16 +33,16 @@ def served_model(model, tokenizer, model_id: str, *, max_batch: int = 8, max_que
         eos_ids = set(eos_token_ids(model, tokenizer))
     scheduler = BatchScheduler(model.eval(), tokenizer, eos_ids=eos_ids,
                                max_batch=max_batch, max_queue=max_queue)
-    return ServedModel(id=model_id, tokenizer=tokenizer, scheduler=scheduler)
+    return ServedModel(id=model_id, tokenizer=tokenizer, scheduler=scheduler, system=system)
 
 
 def load_served_model(model_dir: Path, model_id: str, *, device: str = "auto", dtype: str = "auto",
-                      max_batch: int = 8, max_queue: int = 32) -> ServedModel:
+                      max_batch: int = 8, max_queue: int = 32, system: str | None = None) -> ServedModel:
     from setup_kit.engines.native import load_model_and_tokenizer
 
     model, tokenizer, info = load_model_and_tokenizer(model_dir, device=device, dtype=dtype)
     return served_model(model, tokenizer, model_id, max_batch=max_batch, max_queue=max_queue,
-                        eos_ids=set(info.eos_token_ids))
+                        eos_ids=set(info.eos_token_ids), system=system)
 
 
 def run(served: ServedModel, *, host: str, port: int, api_key: str | None, log_level: str = "info") -> None:
@@ -70,6 +70,7 @@ class ServeOptions:
     model_name: str | None = None
     skip_checks: bool = False
     threads: int | None = None
+    system: str | None = None
 
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -112,7 +113,8 @@ def serve(options: ServeOptions) -> int:
     console = Console(stderr=True, highlight=False)
     console.print(f"internlm-kit serve: loading {model_dir} ...")
     served = load_served_model(model_dir, name, device=options.device, dtype=options.dtype,
-                               max_batch=options.max_batch, max_queue=options.max_queue)
+                               max_batch=options.max_batch, max_queue=options.max_queue,
+                               system=options.system)
     # A wildcard address listens everywhere but is not one a browser can open: show this machine's.
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(options.host, options.host)
     shown = f"[{host}]" if ":" in host else host
