@@ -487,3 +487,12 @@ def test_a_folder_that_is_not_a_model_is_one_problem_with_one_fix(tmp_path, no_g
     assert "not a model folder" in failed[0]["summary"]
     assert len(failed[0]["fix"].splitlines()) == 1 and "--model" in failed[0]["fix"]
     assert {c["id"]: c["status"] for c in report["checks"]}["model.weights"] == "skip"
+
+
+def test_piped_report_keeps_whole_lines_and_counts_read_naturally(tiny_internlm2_dir, no_gpu):
+    report, _ = doctor_json("--model", str(tiny_internlm2_dir), "--only", "model.weights")
+    assert by_id(report)["model.weights"]["summary"].startswith("2 shards, 0.1M parameters")  # not "0.00B"
+    human = doctor("--model", str(tiny_internlm2_dir))  # stdout is a pipe here
+    assert all(not line.startswith(("x86_64", "aarch64")) for line in human.stdout.splitlines())
+    first = human.stdout.splitlines()[0]
+    assert first.startswith("internlm-kit doctor for ") and first.rstrip().endswith(")")  # not cut at 80 columns

@@ -31,6 +31,16 @@ class Result:
     fix: str | None = None
 
 
+def count(n: int, noun: str) -> str:
+    """'1 shard', '2 shards'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def parameters(n: float) -> str:
+    """'1.89B parameters', '25.7M parameters', '0.1M parameters' (a test model is not '0.00B')."""
+    return f"{n / 1e9:.2f}B parameters" if n >= 1e9 else f"{n / 1e6:.1f}M parameters"
+
+
 def ok(summary: str, *details: str) -> Result:
     return Result("ok", summary, list(details))
 

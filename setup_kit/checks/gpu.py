@@ -8,7 +8,7 @@ from functools import lru_cache
 
 from packaging.version import InvalidVersion, Version
 
-from setup_kit.checks.base import Context, Result, check, fail, ok, skip, warn
+from setup_kit.checks.base import Context, Result, check, fail, ok, parameters, skip, warn
 from setup_kit.checks.fixes import pip_install
 
 if sys.version_info >= (3, 11):
@@ -221,7 +221,7 @@ def model_bytes(ctx: Context, dtype: str) -> tuple[int, str]:
         kv = config["num_hidden_layers"] * 2 * config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
     total = params * size + kv * size * CONTEXT_TOKENS + OVERHEAD_BYTES
     source = "the model folder's shards" if ctx.model and ctx.model.parameters else "internlm2-chat-1_8b"
-    return total, f"{params / 1e9:.2f}B parameters ({source}) x {size} bytes ({dtype}) + KV cache for " \
+    return total, f"{parameters(params)} ({source}) x {size} bytes ({dtype}) + KV cache for " \
                   f"{CONTEXT_TOKENS} tokens + 1 GiB overhead"
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 import sys
 
-from setup_kit.checks.base import Context, Result, check, fail, ok, skip, warn
+from setup_kit.checks.base import Context, Result, check, count, fail, ok, parameters, skip, warn
 from setup_kit.checks.fixes import pip_install, profile_install
 from setup_kit.modelfolder import download_command
 
@@ -59,7 +59,7 @@ def weights(ctx: Context) -> Result:
     good = ""
     details: list[str] = []
     if folder is not None:
-        good = (f"{len(folder.weight_files)} shard(s), {folder.parameters / 1e9:.2f}B parameters, "
+        good = (f"{count(len(folder.weight_files), 'shard')}, {parameters(folder.parameters)}, "
                 f"headers match file sizes")
         details = [f"{w.name}: {w.size:,} bytes" + (f" ({w.problem})" if w.problem else "") for w in folder.weight_files]
     return _from_problems(ctx, ("weights-missing", "index-unreadable", "shard-missing", "shard-truncated",

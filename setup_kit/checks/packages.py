@@ -8,7 +8,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
-from setup_kit.checks.base import Context, Result, check, fail, ok, skip, warn
+from setup_kit.checks.base import Context, Result, check, count, fail, ok, skip, warn
 from setup_kit.checks.fixes import install_pins, pip_install, profile_install
 from setup_kit.checks.known_issues import load_rules, match_rules
 
@@ -200,5 +200,5 @@ def known_issues(ctx: Context) -> Result:
     blocking = [r for r in matched if r.severity == "fail"
                 and (ctx.engine == "remote-code" or "remote_code_contains" not in r.when)]
     severity = "fail" if blocking else "warn"
-    summary = f"{len(matched)} known failure(s) match: {matched[0].symptom}"
+    summary = f"{count(len(matched), 'known failure')} match{'es' if len(matched) == 1 else ''}: {matched[0].symptom}"
     return (fail if severity == "fail" else warn)(summary, "\n".join(dict.fromkeys(fixes)), *details)

@@ -56,5 +56,8 @@ def command(
     if as_json:
         typer.echo(report.to_json())
     else:
-        render(report, Console(highlight=False), verbose=verbose)
+        import sys
+
+        # Into a file or a pipe, whole lines (rich would break them at 80 columns mid-path).
+        render(report, Console(highlight=False, soft_wrap=not sys.stdout.isatty()), verbose=verbose)
     raise typer.Exit(report.exit_code)
