@@ -24,9 +24,11 @@ LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
 DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
                "I16": 2, "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
-# What `internlm-kit download` records in the folder (setup_kit/download: state_dir_for, _save_manifest);
-# its "repo" is the one repo id known for sure. Spelled out here to keep this module stdlib-only.
-KIT_MANIFEST = Path(".cache") / "internlm-kit" / "manifest.json"
+# Where `internlm-kit download` keeps its bookkeeping inside a model folder (beside huggingface_hub's
+# own .cache/huggingface), and its record of the repo's files, whose "repo" is the one repo id known
+# for sure. Defined here, in a stdlib-only module, so reading it needs no download machinery.
+KIT_STATE_DIR = Path(".cache") / "internlm-kit"
+KIT_MANIFEST = KIT_STATE_DIR / "manifest.json"
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

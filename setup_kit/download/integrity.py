@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from setup_kit.download.manifest import RemoteFile
+from setup_kit.modelfolder import KIT_STATE_DIR
 
 READ_CHUNK = 8 * 1024 * 1024
 
@@ -130,4 +131,4 @@ class VerifiedRecord:
 
 def state_dir_for(local_dir: Path) -> Path:
     """The kit's bookkeeping inside a model folder (beside huggingface_hub's own ``.cache/huggingface``)."""
-    return Path(local_dir) / ".cache" / "internlm-kit"
+    return Path(local_dir) / KIT_STATE_DIR

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from setup_kit import DEFAULT_REPO
 from setup_kit.download import hub, local, modelscope
-from setup_kit.download.integrity import VerifiedRecord, hash_file, state_dir_for
+from setup_kit.download.integrity import VerifiedRecord, hash_file
 from setup_kit.download.manifest import (
     FileState,
     Manifest,
@@ -27,6 +27,7 @@ from setup_kit.download.manifest import (
 )
 from setup_kit.download.progress import DownloadProgress
 from setup_kit.errors import KitError, UsageError
+from setup_kit.modelfolder import KIT_MANIFEST
 
 SOURCES = ("auto", "hf", "modelscope", "local")
 WORKERS = 8  # as many files in flight as `hf download` has
@@ -323,7 +324,7 @@ def _offline_check(req: DownloadRequest, revision: str, console: Console) -> Dow
 
 
 def _save_manifest(local_dir: Path, manifest: Manifest) -> None:
-    path = state_dir_for(local_dir) / "manifest.json"
+    path = Path(local_dir) / KIT_MANIFEST
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"repo": manifest.repo, "revision": manifest.revision, "commit": manifest.commit,
             "files": [asdict(f) for f in manifest.files]}
@@ -334,7 +335,7 @@ def _save_manifest(local_dir: Path, manifest: Manifest) -> None:
 
 def _load_manifest(local_dir: Path, repo: str) -> Manifest | None:
     try:
-        data = json.loads((state_dir_for(local_dir) / "manifest.json").read_text())
+        data = json.loads((Path(local_dir) / KIT_MANIFEST).read_text())
     except (OSError, ValueError):
         return None
     if data.get("repo") != repo:

@@ -210,13 +210,14 @@ def run_install(plan, before, outcome: InstallOutcome, console, options: Install
     what = (f"The install of profile {plan.profile.name} failed at `{show_command(failed.argv)}` "
             f"(exit {failed.code})")
     # Never leave the target half-changed: an earlier step (torch) may have gone through.
-    if restore_plan(snapshot, list_installed(target)).empty:
+    now = list_installed(target)
+    if restore_plan(snapshot, now).empty:
         kept = "nothing was changed"
     else:
         console.print(f"[yellow]The install failed: putting {escape(target.python)} back as snapshot "
                       f"{snapshot.id} recorded it.[/]", highlight=False)
         try:
-            _restore(target, snapshot, console, options.verbose)
+            _restore(target, snapshot, now, console, options.verbose, outcome)
             kept = f"the environment was put back exactly as it was (snapshot {snapshot.id})"
             outcome.changed = False
         except KitError as exc:
@@ -263,16 +264,18 @@ def rollback(options: InstallOptions, snapshot_name: str | None, console) -> Ins
                              reason=snapshot.reason)
     console.print(f"Rolling {escape(target.python)} back to snapshot {snapshot.id} "
                   f"(taken {snapshot.created}, {escape(snapshot.reason)})", highlight=False)
-    if restore_plan(snapshot, list_installed(target)).empty:
+    now = list_installed(target)
+    if restore_plan(snapshot, now).empty:
         console.print(f"Nothing to do: the environment already matches snapshot {snapshot.id}.")
         return outcome
-    _restore(target, snapshot, console, options.verbose, outcome=outcome, options=options)
+    _restore(target, snapshot, now, console, options.verbose, outcome, options=options)
     return outcome
 
 
-def _restore(target: Target, snapshot, console, verbose: bool, *, outcome: InstallOutcome | None = None,
+def _restore(target: Target, snapshot, now, console, verbose: bool, outcome: InstallOutcome, *,
              options: InstallOptions | None = None) -> None:
-    """Reinstall and remove until the target matches the snapshot exactly, or raise KitError.
+    """Reinstall and remove until the target matches the snapshot exactly, or raise KitError; `now`
+    is the target's listing the caller already took.
 
     With `options`, the changes are shown and confirmed first (`--rollback`); without, it runs at once
     (undoing a failed install, which the user already agreed to change)."""
@@ -281,13 +284,11 @@ def _restore(target: Target, snapshot, console, verbose: bool, *, outcome: Insta
     from setup_kit.install.snapshot import (list_installed, restore_commands, restore_plan, save_snapshot,
                                             torch_build_index)
 
-    now = list_installed(target)
     plan = restore_plan(snapshot, now)
     index = torch_build_index(plan)
     if index and (problem := index_problem(index)):
-        if outcome is not None:
-            outcome.notes.append(f"{index} cannot be reached ({problem}): old torch builds come from your "
-                                 "configured indexes")
+        outcome.notes.append(f"{index} cannot be reached ({problem}): old torch builds come from your "
+                             "configured indexes")
         index = None
     commands = restore_commands(target, plan, index)
     for name in plan.remove:
@@ -305,7 +306,7 @@ def _restore(target: Target, snapshot, console, verbose: bool, *, outcome: Insta
         outcome.notes.append(f"the state before this rollback is snapshot {undo.id}")
         outcome.changed = True
     log = log_path("rollback")
-    if outcome is not None:
+    if undo is not None:  # --rollback's own outcome; an install's keeps its install log
         outcome.log = str(log)
     results = run_steps(commands, console, verbose, log, "Restoring")
     failed = next((r for r in results if r.code != 0), None)

@@ -153,13 +153,14 @@ def require_serve_packages() -> None:
     """A clear error naming the install command when the kit's HTTP stack is not installed here."""
     missing = [spec for module, spec in SERVE_PACKAGES.items() if importlib.util.find_spec(module) is None]
     if missing:
-        quoted = " ".join(f'"{spec}"' for spec in missing)
+        from setup_kit.checks.fixes import pip_install
+
         names = [spec.split(">")[0] for spec in missing]
         named = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
         raise KitError(
             f"The kit's server needs {named}, which this Python "
             f"environment ({sys.executable}) does not have (they come with the kit's `serve` extra).",
-            f"{sys.executable} -m pip install {quoted} (or pip install 'internlm-kit[serve]'); "
+            f"{pip_install(sys.executable, missing)} (or pip install 'internlm-kit[serve]'); "
             "--backend lmdeploy or vllm does not need them.")
 
 
