@@ -12,7 +12,7 @@ from fixtures.models import build_tiny_internlm2
 from reference_internlm2 import reference_logits, relative_error
 
 from setup_kit.engines.base import Engine, GenerationParams
-from setup_kit.engines.native import NativeEngine, _StopStrings, choose_device_dtype
+from setup_kit.engines.native import NativeEngine, choose_device_dtype
 from setup_kit.errors import KitError, ModelFolderError, UsageError
 
 CHAT = [{"role": "system", "content": "You are InternLM."},
@@ -160,16 +160,6 @@ def test_context_window_limits_the_reply(engine):
     prompt = list(range(3, 3 + engine.context_window - 2))
     tokens = list(engine.generate_tokens(prompt, GenerationParams(max_new_tokens=100, greedy=True)))
     assert len(tokens) <= 2 and engine.last_stats.prompt_tokens == len(prompt)
-
-
-def test_stop_strings_hold_back_a_possible_start():
-    stops = _StopStrings(("<END>",))
-    assert stops.feed("hello <") == ("hello ", False)
-    assert stops.feed("EN") == ("", False)
-    assert stops.feed("D> more") == ("", True)
-    stops = _StopStrings(("<END>",))
-    assert stops.feed("a <E") == ("a ", False)
-    assert stops.feed("x") == ("<Ex", False)
 
 
 def test_bf16_on_cpu_when_asked(tiny_internlm2_dir, state_dir):

@@ -23,6 +23,7 @@ from pathlib import Path
 from setup_kit.decoding import IncrementalDecoder
 from setup_kit.engines.base import GenerationParams, GenerationStats, Message
 from setup_kit.errors import KitError, ModelFolderError, UsageError
+from setup_kit.stop_strings import StopStrings
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 CHAT_END_TOKENS = ("<|im_end|>",)
@@ -253,32 +254,6 @@ class Sampler:
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
 
 
-class _StopStrings:
-    """Holds back text that could be the start of a stop string; cuts at the first full one."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = tuple(s for s in stops if s)
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        if not self.stops:
-            return text, False
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[:min(hits)], ""
-            return out, True
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])),
-                   default=0)
-        out = self.pending[:len(self.pending) - keep]
-        self.pending = self.pending[len(out):]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
 class NativeEngine:
     """`Engine` over `load_model_and_tokenizer`. Pass `model`/`tokenizer`/`info` to share a load."""
 
@@ -327,7 +302,7 @@ class NativeEngine:
                cancel: threading.Event | None = None) -> Iterator[str]:
         prompt = self.encode_chat(messages)
         decoder = IncrementalDecoder(self.tokenizer)
-        stops = _StopStrings(tuple(params.stop))
+        stops = StopStrings(tuple(params.stop))
         for token in self.generate_tokens(prompt, params, cancel):
             text, hit = stops.feed(decoder.push(token))
             if text:
@@ -336,7 +311,8 @@ class NativeEngine:
                 self._stats.stop = "eos"
                 return
         text, hit = stops.feed(decoder.flush())
-        text += "" if hit else stops.flush()
+        if not hit:
+            text += stops.flush()[0]
         if text:
             yield text
 

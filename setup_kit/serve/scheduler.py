@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from setup_kit.decoding import IncrementalDecoder
+from setup_kit.stop_strings import StopStrings
 
 log = logging.getLogger("internlm_kit.serve")
 
@@ -35,6 +36,14 @@ class QueueFull(Exception):
     """Every slot is busy and the waiting line is full."""
 
 
+class ShuttingDown(Exception):
+    """The server is stopping: no new requests are admitted."""
+
+
+GREEDY_BELOW = 1e-4  # a temperature this close to 0 is argmax (its limit), not a sampling step
+SEED_SPACE = 1 << 64  # torch generators take seeds in [0, 2**64)
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int
@@ -42,10 +51,15 @@ class SamplingParams:
     top_p: float = 0.8
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-probability and the top k
+    special_text: bool = False  # show special tokens as text (tool-call markup is parsed from it)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass
@@ -57,7 +71,9 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    error_type: str = "server_error"  # "invalid_request_error": the request's own parameters caused it
     token_ids: list[int] | None = None  # on the finishing event: every generated token, for tests/logs
+    logprobs: list[dict] | None = None  # per token since the last event: token id, logprob, top [(id, lp)]
 
 
 @dataclass
@@ -76,72 +92,69 @@ class _Slot:
         import torch
 
         self.request = request
-        self.decoder = IncrementalDecoder(tokenizer)
+        self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=not request.params.special_text)
         self.eos_ids = eos_ids
         self.position = len(request.prompt_ids)  # position id of the next token fed in
         self.generated: list[int] = []
-        self.held = ""  # text that might be the start of a stop string
+        self.counts: dict[int, int] = {}  # generated token -> times, for the repetition penalties
+        self.stops = StopStrings(request.params.stop)
+        self.logprobs: list[dict] = []  # entries not yet sent with an event
         self.done = False
         self.generator = None
         if not request.params.greedy:
             self.generator = torch.Generator(device=device)
             seed = request.params.seed
             # Without a seed, a fresh one (torch.seed() would also reseed the process's global RNG).
-            self.generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+            self.generator.manual_seed(seed % SEED_SPACE if seed is not None else secrets.randbits(63))
 
-    def accept(self, token: int) -> None:
+    def accept(self, token: int, logprob: dict | None = None) -> None:
         """Take one generated token: emit safe text, decide whether this request is done."""
         req = self.request
         if token in self.eos_ids:
             self._finish("stop")
             return
         self.generated.append(token)
+        self.counts[token] = self.counts.get(token, 0) + 1
+        if logprob is not None:
+            self.logprobs.append(logprob)
         self.position += 1
-        text = self.held + self.decoder.push(token)
-        self.held = ""
-        if self._emit_until_stop(text):
+        text, hit = self.stops.feed(self.decoder.push(token))
+        if hit:
+            self._send(text)
+            self._finish("stop", flush=False)
             return
+        self._send(text)
         if len(self.generated) >= req.params.max_tokens:
             self._finish("length")
 
-    def _emit_until_stop(self, text: str) -> bool:
-        stops = self.request.params.stop
-        for stop in stops:
-            at = text.find(stop)
-            if at >= 0:
-                self._send(text[:at])
-                self._finish("stop", flush=False)
-                return True
-        # Hold back a tail that could still grow into a stop string.
-        keep = 0
-        for stop in stops:
-            for n in range(min(len(stop) - 1, len(text)), 0, -1):
-                if text.endswith(stop[:n]):
-                    keep = max(keep, n)
-                    break
-        self.held = text[len(text) - keep:] if keep else ""
-        self._send(text[:len(text) - keep])
-        return False
-
     def _send(self, text: str) -> None:
         if text:
-            self.request.emit(Event(text=text))
+            sent, self.logprobs = self.logprobs or None, []
+            self.request.emit(Event(text=text, logprobs=sent))
 
     def _finish(self, reason: FinishReason, *, flush: bool = True) -> None:
         if flush:
-            rest = self.held + self.decoder.flush()
-            self.held = ""
-            if rest and not self._emit_until_stop(rest):
-                self._send(self.held)
-            if self.done:  # a stop string turned up in the flushed tail
-                return
+            text, hit = self.stops.feed(self.decoder.flush())
+            if not hit:
+                rest, hit = self.stops.flush()
+                text += rest
+            self._send(text)
+            reason = "stop" if hit else reason  # a stop string turned up in the flushed tail
         self.done = True
         self.request.emit(Event(finish_reason=reason, prompt_tokens=len(self.request.prompt_ids),
-                                completion_tokens=len(self.generated), token_ids=list(self.generated)))
+                                completion_tokens=len(self.generated), token_ids=list(self.generated),
+                                logprobs=self.logprobs or None))
 
     def cancel(self) -> None:
         self.done = True
         self.request.emit(Event(finish_reason="cancelled", prompt_tokens=len(self.request.prompt_ids),
+                                completion_tokens=len(self.generated)))
+
+    def fail(self, message: str, error_type: str = "server_error") -> None:
+        """This request alone ends with an error; the batch goes on without it."""
+        self.done = True
+        self.request.emit(Event(finish_reason="error", error=message, error_type=error_type,
+                                prompt_tokens=len(self.request.prompt_ids),
                                 completion_tokens=len(self.generated)))
 
 
@@ -202,12 +215,14 @@ class BatchScheduler:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.context_window = int(getattr(model.config, "max_position_embeddings", 4096))
-        self._waiting: queue.Queue[Request] = queue.Queue()
+        self._waiting: deque[Request] = deque()  # submitted, not yet admitted
         self._lock = threading.Lock()
-        self._pending = 0  # submitted, not yet admitted
+        self._wake = threading.Condition(self._lock)
         self._active: list[_Slot] = []
         self._ids = itertools.count(1)
         self._stop = threading.Event()
+        self._closing = threading.Event()
+        self._jobs: deque[_ScoreJob] = deque()  # prompt scoring (/v1/completions echo), engine thread
         self._thread: threading.Thread | None = None
         # Batch state (engine thread only).
         self._layers: list[_GrowingLayer] = []
@@ -221,28 +236,79 @@ class BatchScheduler:
 
     def stop(self) -> None:
         self._stop.set()
-        self._waiting.put(None)  # type: ignore[arg-type]
+        with self._wake:
+            self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+    def close(self) -> None:
+        """Shutting down: admit nothing more, end every running and waiting request now (with an
+        error event each, so every stream gets its last words), keep the thread for `stop`."""
+        self._closing.set()
+        with self._wake:
+            self._wake.notify_all()
 
     @property
     def load(self) -> dict:
         with self._lock:
-            return {"active": len(self._active), "waiting": self._pending,
+            return {"active": len(self._active), "waiting": len(self._waiting),
                     "max_batch": self.max_batch, "max_queue": self.max_queue}
 
     def submit(self, request: Request) -> Request:
         # The last token fed back must still have a position inside the context window.
         room = self.context_window - len(request.prompt_ids)
         request.params.max_tokens = max(1, min(request.params.max_tokens, room))
-        with self._lock:
+        with self._wake:
+            if self._closing.is_set() or self._stop.is_set():
+                raise ShuttingDown()
             free = self.max_batch - len(self._active)
-            if self._pending - free >= self.max_queue:
+            if len(self._waiting) - free >= self.max_queue:
                 raise QueueFull()
-            self._pending += 1
-        request.id = next(self._ids)
-        self._waiting.put(request)
+            request.id = next(self._ids)
+            self._waiting.append(request)
+            self._wake.notify()
         return request
+
+    def cancel(self, request: Request) -> None:
+        """The client left: a waiting request gives up its place at once, a running one within a step."""
+        request.cancel.set()
+        with self._lock:
+            try:
+                self._waiting.remove(request)
+            except ValueError:
+                return  # admitted already (the engine thread drops it) or finished
+        request.emit(Event(finish_reason="cancelled", prompt_tokens=len(request.prompt_ids)))
+
+    def score(self, prompt_ids: list[int], top: int, on_done: Callable) -> None:
+        """Log-probabilities of each prompt token given the ones before it (and the `top` likeliest
+        there), computed on the engine thread between decode steps; `on_done(result, error)`."""
+        with self._wake:
+            if self._closing.is_set() or self._stop.is_set():
+                raise ShuttingDown()
+            self._jobs.append(_ScoreJob(prompt_ids, top, on_done))
+            self._wake.notify()
+
+    def _run_jobs(self) -> None:
+        while True:
+            with self._lock:
+                if not self._jobs:
+                    return
+                job = self._jobs.popleft()
+            try:
+                job.on_done(_score(self.model, job.prompt_ids, job.top), None)
+            except Exception as exc:  # this job's failure alone
+                log.exception("scoring failed")
+                job.fail(f"{type(exc).__name__}: {exc}")
+
+    def _next_waiting(self, wait: float | None) -> Request | None:
+        """The first waiting request, waiting up to `wait` seconds for one (None: do not wait)."""
+        with self._wake:
+            if wait is not None and not self._waiting:
+                self._wake.wait_for(lambda: self._waiting or self._jobs or self._stop.is_set()
+                                    or self._closing.is_set(), timeout=wait)
+            if self._stop.is_set() or self._closing.is_set() or not self._waiting:
+                return None
+            return self._waiting.popleft()
 
     # ---- engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
@@ -250,7 +316,13 @@ class BatchScheduler:
 
         with torch.inference_mode():
             while not self._stop.is_set():
+                if self._closing.is_set():
+                    self._fail_all("the server is shutting down", "server_shutting_down")
+                    with self._wake:
+                        self._wake.wait_for(self._stop.is_set, timeout=0.5)
+                    continue
                 try:
+                    self._run_jobs()
                     self._admit(block=not self._active)
                     if self._stop.is_set():
                         break
@@ -277,19 +349,11 @@ class BatchScheduler:
                 wait = min(GATHER_SECONDS, gather_until - time.monotonic())
             else:
                 wait = None
-            try:
-                if wait is None:
-                    request = self._waiting.get_nowait()
-                elif wait <= 0:
-                    break
-                else:
-                    request = self._waiting.get(timeout=wait)
-            except queue.Empty:
+            if wait is not None and wait <= 0:
                 break
-            if request is None:  # stop() wakes us
+            request = self._next_waiting(wait)
+            if request is None:  # nobody came, or stop()/close() woke us
                 break
-            with self._lock:
-                self._pending -= 1
             if block:
                 gather_until = time.monotonic() + GATHER_MAX_SECONDS
             block = False
@@ -339,9 +403,10 @@ class BatchScheduler:
         tokens = self._sample(out.logits[:, -1, :], slots)
         kv = [(layer.keys, layer.values) for layer in cache.layers]
         with self._lock:
-            self._merge(slots, kv, real, tokens)
+            self._merge(slots, kv, real, [0 if t is None else t[0] for t in tokens])
         for slot, token in zip(slots, tokens):
-            slot.accept(token)
+            if token is not None:
+                slot.accept(*token)
 
     def _merge(self, slots: list[_Slot], kv, real, tokens: list[int]) -> None:
         """Append prefilled rows to the batch, everything right-aligned on the newest column."""
@@ -384,30 +449,43 @@ class BatchScheduler:
                          cache=_make_cache(self._layers), use_cache=True, logits_to_keep=1)
         tokens = self._sample(out.logits[:, -1, :], slots)
         for i, (slot, token) in enumerate(zip(slots, tokens)):
+            if slot.done:  # failed alone in sampling
+                continue
             if slot.request.cancel.is_set():
                 slot.cancel()
                 continue
-            self._next_tokens[i] = token
-            slot.accept(token)
+            self._next_tokens[i] = token[0]
+            slot.accept(*token)
 
-    def _sample(self, logits, slots: list[_Slot]) -> list[int]:
+    def _sample(self, logits, slots: list[_Slot]) -> list[tuple[int, dict | None] | None]:
+        """Each slot's next token (and its log-probabilities when asked), by its own parameters.
+
+        A row whose numbers are not finite fails that request alone (None in its place): one
+        request's parameters or one bad row must never take its batch-mates down with it.
+        """
         import torch
 
         logits = logits.float()
-        tokens = torch.argmax(logits, dim=-1).tolist()
         for i, slot in enumerate(slots):
-            p = slot.request.params
-            if p.greedy:
+            _adjust(logits, i, slot)
+        finite = torch.isfinite(logits).all(dim=-1)
+        best = torch.argmax(logits, dim=-1)
+        tokens: list[tuple[int, dict | None] | None] = []
+        for i, (ok, token, slot) in enumerate(zip(finite.tolist(), best.tolist(), slots)):
+            if not ok:
+                log.warning("request %s: the model gave non-finite logits; failing it alone", slot.request.id)
+                slot.fail("the model produced non-finite scores (NaN or infinity) for this request")
+                tokens.append(None)
                 continue
-            probs = torch.softmax(logits[i] / p.temperature, dim=-1)
-            if p.top_p < 1.0:
-                sorted_probs, order = torch.sort(probs, descending=True)
-                keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < p.top_p
-                sorted_probs = sorted_probs * keep
-                choice = torch.multinomial(sorted_probs, 1, generator=slot.generator)
-                tokens[i] = int(order[choice])
-            else:
-                tokens[i] = int(torch.multinomial(probs, 1, generator=slot.generator))
+            p = slot.request.params
+            if not p.greedy:
+                token = _draw(logits[i], p, slot.generator)
+                if token is None:
+                    slot.fail("these sampling parameters left no token to choose from "
+                              f"(temperature {p.temperature}, top_p {p.top_p})", "invalid_request_error")
+                    tokens.append(None)
+                    continue
+            tokens.append((token, _logprob_entry(logits[i], token, p.logprobs)))
         return tokens
 
     def _drop_finished(self) -> None:
@@ -439,24 +517,92 @@ class BatchScheduler:
                 layer.keys_buf = _resize(layer.keys_buf, layer.length + 64, torch)
                 layer.values_buf = _resize(layer.values_buf, layer.length + 64, torch)
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, error_type: str = "server_error") -> None:
         with self._lock:
             slots, self._active, self._next_tokens = self._active, [], []
             self._layers, self._mask = [], None
+            waiting, self._waiting = list(self._waiting), deque()
         for slot in slots:
             if not slot.done:
-                slot.done = True
-                slot.request.emit(Event(finish_reason="error", error=message,
-                                        completion_tokens=len(slot.generated)))
-        while True:
-            try:
-                request = self._waiting.get_nowait()
-            except queue.Empty:
-                return
-            if request is not None:
-                with self._lock:
-                    self._pending -= 1
-                request.emit(Event(finish_reason="error", error=message))
+                slot.fail(message, error_type)
+        for request in waiting:
+            request.emit(Event(finish_reason="error", error=message, error_type=error_type,
+                               prompt_tokens=len(request.prompt_ids)))
+        jobs, self._jobs = self._jobs, deque()
+        for job in jobs:
+            job.fail(message)
+
+
+@dataclass
+class _ScoreJob:
+    prompt_ids: list[int]
+    top: int
+    on_done: Callable
+
+    def fail(self, message: str) -> None:
+        self.on_done(None, message)
+
+
+def _score(model, prompt_ids: list[int], top: int) -> list[dict | None]:
+    """One forward over the prompt: entry i scores token i given tokens < i (None for the first)."""
+    import torch
+
+    ids = torch.tensor([prompt_ids], device=model.device)
+    logits = model(input_ids=ids, use_cache=False).logits[0].float()
+    out: list[dict | None] = [None]
+    for i in range(1, len(prompt_ids)):
+        out.append(_logprob_entry(logits[i - 1], prompt_ids[i], top))
+    return out
+
+
+def _adjust(logits, row: int, slot: _Slot) -> None:
+    """OpenAI's logit_bias and frequency/presence penalties, applied in place to one row."""
+    import torch
+
+    p = slot.request.params
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), device=logits.device)
+        logits[row, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
+    if slot.counts and (p.frequency_penalty or p.presence_penalty):
+        ids = torch.tensor(list(slot.counts), device=logits.device)
+        counts = torch.tensor(list(slot.counts.values()), dtype=logits.dtype, device=logits.device)
+        logits[row, ids] -= counts * p.frequency_penalty + p.presence_penalty
+
+
+def _draw(row, p: SamplingParams, generator) -> int | None:
+    """One token sampled from softmax(row / temperature) within top_p; None if nothing is left."""
+    import torch
+
+    # Shifting by the maximum first keeps row / temperature finite for any positive temperature
+    # (9e-39 included): the best token scores 0, the rest go to -inf at worst, never NaN.
+    scaled = (row - row.max()) / p.temperature
+    probs = torch.softmax(scaled, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < p.top_p
+        keep[0] = True  # the most likely token always stays, however small top_p is
+        sorted_probs = sorted_probs * keep
+    else:
+        sorted_probs, order = probs, None
+    total = float(sorted_probs.sum())
+    if not total > 0.0 or total != total or total == float("inf"):
+        return None
+    choice = int(torch.multinomial(sorted_probs, 1, generator=generator))
+    return int(order[choice]) if order is not None else choice
+
+
+def _logprob_entry(row, token: int, top: int | None) -> dict | None:
+    """The chosen token's log-probability and the `top` most likely alternatives (OpenAI's logprobs)."""
+    if top is None:
+        return None
+    import torch
+
+    logps = torch.log_softmax(row, dim=-1)
+    entry = {"id": token, "logprob": float(logps[token]), "top": []}
+    if top:
+        values, ids = torch.topk(logps, min(top, logps.shape[-1]))
+        entry["top"] = list(zip(ids.tolist(), values.tolist()))
+    return entry
 
 
 def monotonic() -> float:
