@@ -32,6 +32,10 @@ def command(
                                     "\"\" for none)."),
     threads: int = typer.Option(None, "--threads", metavar="N", min=1,
                                 help="CPU threads for torch (default: torch's own choice)."),
+    default_max_tokens: int = typer.Option(1024, "--default-max-tokens", metavar="N", min=1,
+                                           help="Reply budget for requests that set no max_tokens."),
+    max_body_mb: float = typer.Option(4.0, "--max-body-mb", metavar="MB", min=0.001,
+                                      help="Largest request body accepted; bigger ones get 413."),
 ) -> None:
     """Serve the model over an OpenAI-compatible API (/v1/chat/completions) with a chat page at /.
 
@@ -44,6 +48,7 @@ def command(
     code = serve(ServeOptions(model=model, host=host, port=port, engine=engine, device=device,
                               dtype=short_dtype(dtype), api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                               backend=backend, tp=tp, model_name=model_name,
-                              skip_checks=skip_checks, threads=threads, system=system))
+                              skip_checks=skip_checks, threads=threads, system=system,
+                              default_max_tokens=default_max_tokens, max_body_mb=max_body_mb))
     if code:
         raise typer.Exit(code)

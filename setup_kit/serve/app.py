@@ -152,7 +152,8 @@ class _Guard:
 
     async def _too_large(self, scope, receive, send):
         await error_response(APIError(
-            413, f"The request body is larger than this server's limit of {self.limit:,} bytes. "
+            413, f"The request body is larger than this server's limit of {self.limit / 2**20:.3g} MB "
+                 f"({self.limit:,} bytes). "
                  "Send a shorter conversation, or start the server with a larger --max-body-mb.",
             code="request_too_large"))(scope, receive, send)
 

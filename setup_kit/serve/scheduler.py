@@ -245,6 +245,11 @@ class BatchScheduler:
         """Shutting down: admit nothing more, end every running and waiting request now (with an
         error event each, so every stream gets its last words), keep the thread for `stop`."""
         self._closing.set()
+        # May run in a signal handler, which must not wait for a lock the interrupted code holds:
+        # the engine thread is woken from a thread of its own.
+        threading.Thread(target=self._notify, name="internlm-kit-close", daemon=True).start()
+
+    def _notify(self) -> None:
         with self._wake:
             self._wake.notify_all()
 

@@ -23,8 +23,9 @@ log = logging.getLogger("internlm_kit.serve")
 
 
 def served_model(model, tokenizer, model_id: str, *, max_batch: int = 8, max_queue: int = 32,
-                 eos_ids: set[int] | None = None, system: str | None = None) -> ServedModel:
-    from setup_kit.serve.app import ServedModel
+                 eos_ids: set[int] | None = None, system: str | None = None,
+                 default_max_tokens: int | None = None, max_body_bytes: int | None = None) -> ServedModel:
+    from setup_kit.serve.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS, ServedModel
     from setup_kit.serve.scheduler import BatchScheduler
 
     if not eos_ids:
@@ -33,25 +34,41 @@ def served_model(model, tokenizer, model_id: str, *, max_batch: int = 8, max_que
         eos_ids = set(eos_token_ids(model, tokenizer))
     scheduler = BatchScheduler(model.eval(), tokenizer, eos_ids=eos_ids,
                                max_batch=max_batch, max_queue=max_queue)
-    return ServedModel(id=model_id, tokenizer=tokenizer, scheduler=scheduler, system=system)
+    return ServedModel(id=model_id, tokenizer=tokenizer, scheduler=scheduler, system=system,
+                       default_max_tokens=default_max_tokens or DEFAULT_MAX_TOKENS,
+                       max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES)
 
 
 def load_served_model(model_dir: Path, model_id: str, *, device: str = "auto", dtype: str = "auto",
-                      max_batch: int = 8, max_queue: int = 32, system: str | None = None) -> ServedModel:
+                      max_batch: int = 8, max_queue: int = 32, system: str | None = None,
+                      default_max_tokens: int | None = None, max_body_bytes: int | None = None) -> ServedModel:
     from setup_kit.engines.native import load_model_and_tokenizer
 
     model, tokenizer, info = load_model_and_tokenizer(model_dir, device=device, dtype=dtype)
     return served_model(model, tokenizer, model_id, max_batch=max_batch, max_queue=max_queue,
-                        eos_ids=set(info.eos_token_ids), system=system)
+                        eos_ids=set(info.eos_token_ids), system=system,
+                        default_max_tokens=default_max_tokens, max_body_bytes=max_body_bytes)
 
 
-def run(served: ServedModel, *, host: str, port: int, api_key: str | None, log_level: str = "info") -> None:
+def uvicorn_server(served: ServedModel, *, host: str, port: int, api_key: str | None,
+                   log_level: str = "info"):
+    """uvicorn on the app, ending every open reply at once on SIGTERM/Ctrl-C: streams get an error
+    event and [DONE], non-streaming requests a 503, instead of being cut when the grace time ends."""
     import uvicorn
 
     from setup_kit.serve.app import create_app
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            served.scheduler.close()
+            super().handle_exit(sig, frame)
+
     app = create_app(served, api_key=api_key)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3)
+    return Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=1))
+
+
+def run(served: ServedModel, *, host: str, port: int, api_key: str | None, log_level: str = "info") -> None:
+    uvicorn_server(served, host=host, port=port, api_key=api_key, log_level=log_level).run()
 
 
 @dataclass
@@ -71,6 +88,8 @@ class ServeOptions:
     skip_checks: bool = False
     threads: int | None = None
     system: str | None = None
+    default_max_tokens: int | None = None
+    max_body_mb: float | None = None
 
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -114,7 +133,8 @@ def serve(options: ServeOptions) -> int:
     console.print(f"internlm-kit serve: loading {model_dir} ...")
     served = load_served_model(model_dir, name, device=options.device, dtype=options.dtype,
                                max_batch=options.max_batch, max_queue=options.max_queue,
-                               system=options.system)
+                               system=options.system, default_max_tokens=options.default_max_tokens,
+                               max_body_bytes=int(options.max_body_mb * 1024 * 1024) if options.max_body_mb else None)
     # A wildcard address listens everywhere but is not one a browser can open: show this machine's.
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(options.host, options.host)
     shown = f"[{host}]" if ":" in host else host
