@@ -68,7 +68,18 @@ def uvicorn_server(served: ServedModel, *, host: str, port: int, api_key: str | 
 
 
 def run(served: ServedModel, *, host: str, port: int, api_key: str | None, log_level: str = "info") -> None:
-    uvicorn_server(served, host=host, port=port, api_key=api_key, log_level=log_level).run()
+    import signal
+
+    server = uvicorn_server(served, host=host, port=port, api_key=api_key, log_level=log_level)
+    # uvicorn re-raises the signal it shut down for once it is done; this handler takes that SIGTERM
+    # (a clean exit, code 0) and one that arrives before uvicorn installs its own.
+    previous = signal.signal(signal.SIGTERM, lambda *_: server.handle_exit(signal.SIGTERM, None))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # the re-raised Ctrl-C, after the same clean shutdown
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
