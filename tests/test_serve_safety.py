@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from fixtures.servers import KIT_MODEL, PacedModel, start_kit_server
+from fixtures.servers import KIT_MODEL, ModelWrapper, PacedModel, start_kit_server
 
 LONG_PROMPT = "a long answer please"  # the tiny model's greedy reply to it runs past 200 tokens
 
@@ -53,7 +53,7 @@ def wait_until(condition, seconds: float = 10.0) -> bool:
     return condition()
 
 
-class PoisonModel:
+class PoisonModel(ModelWrapper):
     """The tiny model, but any batch row whose input holds `poison` gets NaN scores: a stand-in
     for a step that overflows for one request only."""
 
@@ -94,11 +94,12 @@ def test_extreme_sampling_values_and_a_nan_step_fail_only_their_own_request(pois
     greedy = {"temperature": 0, "max_tokens": 24}
     alone = [stream(server, m, **greedy) for m in MATES]
     assert all(error is None for _, _, error in alone)
+    never = {"logit_bias": {str(server.poison): -100}}  # sampling must not stumble on the poison
     hostile = [
-        {"temperature": 9e-39, "max_tokens": 24},
-        {"temperature": 1.0, "top_p": 1e-45, "max_tokens": 24},
-        {"temperature": 1.0, "seed": 2**64 + 7, "max_tokens": 24},
-        {"temperature": 1.5, "seed": -(2**70), "max_tokens": 24},
+        {"temperature": 9e-39, "max_tokens": 24, **never},
+        {"temperature": 1.0, "top_p": 1e-45, "max_tokens": 24, **never},
+        {"temperature": 1.0, "seed": 2**64 + 7, "max_tokens": 24, **never},
+        {"temperature": 1.5, "seed": -(2**70), "max_tokens": 24, **never},
         # its first token is the poisoned one, so its next step's scores are NaN
         {"temperature": 0, "max_tokens": 24, "logit_bias": {str(server.poison): 100}},
     ]
@@ -117,7 +118,7 @@ def test_extreme_sampling_values_and_a_nan_step_fail_only_their_own_request(pois
     text, finish, error = results[-1]
     assert error is not None and "non-finite" in error["message"] and finish is None
     # the 9e-39 request is greedy in all but name: the same as temperature 0
-    assert results[len(MATES)][0] == stream(server, "Pick a word", **greedy)[0]
+    assert results[len(MATES)][0] == stream(server, "Pick a word", **greedy, **never)[0]
 
 
 def test_a_nan_step_in_a_non_streaming_request_is_its_own_error_and_the_server_goes_on(poison_server):

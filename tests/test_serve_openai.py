@@ -1,0 +1,227 @@
+"""What standard OpenAI clients need from `internlm-kit serve`, through the official `openai` package.
+
+n > 1, logprobs, penalties and logit_bias, /v1/completions with echo + logprobs (what
+lm-evaluation-harness's local-completions model sends), GET /v1/models/{id}, and tool calling in
+InternLM2's own markup, parsed into OpenAI tool_calls, streamed too. What cannot be honoured
+(response_format JSON) is a clear 400.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import httpx
+import openai
+import pytest
+from fixtures.servers import KIT_MODEL, ModelWrapper, start_kit_server
+
+from setup_kit.serve.prompt import encode_text
+
+USER = [{"role": "user", "content": "Tell me a story"}]
+
+
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+
+
+def test_get_one_model_by_id(kit_server):
+    card = client(kit_server).models.retrieve(KIT_MODEL)
+    assert card.id == KIT_MODEL
+    with pytest.raises(openai.NotFoundError):
+        client(kit_server).models.retrieve("gpt-4")
+
+
+def test_n_choices_each_their_own_and_repeatable_with_a_seed(kit_server):
+    params = dict(model=KIT_MODEL, messages=USER, n=3, temperature=1.0, max_tokens=12, seed=7)
+    reply = client(kit_server).chat.completions.create(**params)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    texts = [c.message.content for c in reply.choices]
+    assert len(set(texts)) > 1
+    assert [c.message.content for c in client(kit_server).chat.completions.create(**params).choices] == texts
+    assert reply.usage.completion_tokens == sum(
+        len(kit_server.served.tokenizer.encode(t, add_special_tokens=False)) for t in texts) or \
+        reply.usage.completion_tokens <= 36
+    chunks = list(client(kit_server).chat.completions.create(**params, stream=True))
+    streamed = ["", "", ""]
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert streamed == texts
+
+
+def test_logprobs_are_the_chosen_tokens_with_their_alternatives(kit_server):
+    reply = client(kit_server).chat.completions.create(model=KIT_MODEL, messages=USER, temperature=0,
+                                                       max_tokens=6, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        # greedy: the chosen token is the likeliest one
+        assert math.isclose(entry.logprob, entry.top_logprobs[0].logprob, rel_tol=1e-5)
+        assert entry.token == entry.top_logprobs[0].token
+    plain = client(kit_server).chat.completions.create(model=KIT_MODEL, messages=USER, temperature=0, max_tokens=6)
+    assert plain.choices[0].logprobs is None
+
+
+def test_logit_bias_and_penalties_change_what_is_chosen(kit_server):
+    tok = kit_server.served.tokenizer
+    forced = tok.convert_tokens_to_ids("▁the")
+    reply = client(kit_server).chat.completions.create(
+        model=KIT_MODEL, messages=USER, temperature=0, max_tokens=5, logit_bias={str(forced): 100})
+    assert reply.choices[0].message.content == tok.decode([forced] * 5)
+    unpenalized = client(kit_server).chat.completions.create(model=KIT_MODEL, messages=USER, temperature=0,
+                                                             max_tokens=40, logprobs=True)
+    penalized = client(kit_server).chat.completions.create(model=KIT_MODEL, messages=USER, temperature=0,
+                                                           max_tokens=40, frequency_penalty=2.0, logprobs=True)
+    count = lambda r: max(  # noqa: E731 - the most repeated token
+        [e.token for e in r.choices[0].logprobs.content].count(t) for t in {e.token for e in r.choices[0].logprobs.content})
+    assert count(unpenalized) > 1, "the greedy reply repeats itself (else the test shows nothing)"
+    assert count(penalized) < count(unpenalized)
+    present = client(kit_server).chat.completions.create(model=KIT_MODEL, messages=USER, temperature=0,
+                                                         max_tokens=40, presence_penalty=2.0, logprobs=True)
+    assert present.choices[0].message.content != unpenalized.choices[0].message.content
+
+
+def test_response_format_json_is_refused_in_plain_words_not_ignored(kit_server):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(kit_server).chat.completions.create(model=KIT_MODEL, messages=USER, max_tokens=4,
+                                                   response_format={"type": "json_object"})
+    assert caught.value.body["param"] == "response_format" and "not supported" in caught.value.body["message"]
+    reply = client(kit_server).chat.completions.create(model=KIT_MODEL, messages=USER, max_tokens=2,
+                                                       response_format={"type": "text"})
+    assert reply.choices[0].message.content is not None
+
+
+def test_completions_echo_with_logprobs_scores_the_prompt_as_lm_eval_needs(kit_server):
+    tok = kit_server.served.tokenizer
+    prompt = "The capital of France is Paris"
+    reply = client(kit_server).completions.create(model=KIT_MODEL, prompt=prompt, max_tokens=0, echo=True,
+                                                  logprobs=1, temperature=0)
+    choice = reply.choices[0]
+    ids = [tok.bos_token_id] + encode_text(tok, prompt, at_start=True)
+    assert choice.text.endswith(prompt) and len(choice.logprobs.tokens) == len(ids)
+    assert choice.logprobs.token_logprobs[0] is None and all(lp <= 0 for lp in choice.logprobs.token_logprobs[1:])
+    # each score is the model's own: log-softmax of the logits at the position before
+    import torch
+
+    with torch.no_grad():
+        logits = kit_server.served.scheduler.model(input_ids=torch.tensor([ids])).logits[0].float()
+    expected = [float(torch.log_softmax(logits[i - 1], -1)[ids[i]]) for i in range(1, len(ids))]
+    assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(choice.logprobs.token_logprobs[1:], expected))
+    # the continuation's offsets point into the echoed text
+    assert choice.logprobs.text_offset == sorted(choice.logprobs.text_offset)
+    generated = client(kit_server).completions.create(model=KIT_MODEL, prompt=prompt, max_tokens=4, temperature=0)
+    assert generated.choices[0].finish_reason in ("stop", "length") and generated.usage.completion_tokens <= 4
+
+
+# ---- tool calling ---------------------------------------------------------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+class ToolCallingModel(ModelWrapper):
+    """The tiny model, made to answer as InternLM2 does when it calls a tool: its scores are replaced
+    by a script of token ids. Asked first, it writes some text and then the call markup; once the
+    conversation holds the tool's result (an environment turn), it answers from it."""
+
+    def __init__(self, model, tokenizer):
+        self._model, self._tok = model, tokenizer
+        special = lambda name: tokenizer.convert_tokens_to_ids(name)  # noqa: E731
+        end = special("<|im_end|>")
+        self.call = (encode_text(tokenizer, "Let me check.") + [special("<|action_start|>"), special("<|plugin|>")]
+                     + encode_text(tokenizer, '\n{"name": "get_weather", "parameters": {"city": "Paris"}}')
+                     + [special("<|action_end|>"), end])
+        self.answer = encode_text(tokenizer, "It is sunny in Paris.") + [end]
+        self.script, self.step = self.call, 0
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def eval(self):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        out = self._model(*args, **kwargs)
+        ids = kwargs["input_ids"]
+        if ids.shape[1] > 1:  # a prefill: a new request (one slot, so one at a time)
+            prompt = self._tok.decode(ids[0].tolist())
+            self.script, self.step = (self.answer if "environment name=" in prompt else self.call), 0
+        token = self.script[min(self.step, len(self.script) - 1)]
+        self.step += 1
+        out.logits[:] = -1e4
+        out.logits[..., token] = 1e4
+        return out
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory):
+    """One slot, on a tiny model with room for the tool specs (1024 positions)."""
+    from fixtures.models import build_tiny_internlm2
+
+    from setup_kit.engines.native import load_model_and_tokenizer
+
+    folder = build_tiny_internlm2(tmp_path_factory.mktemp("models") / "tiny-tools", max_position_embeddings=1024)
+    model, tokenizer, info = load_model_and_tokenizer(folder, device="cpu", dtype="fp32")
+    server = start_kit_server((ToolCallingModel(model, tokenizer), tokenizer, info), max_batch=1)
+    yield server
+    server.stop()
+
+
+ASK = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
+
+
+def test_a_tool_call_round_trip_through_the_openai_client(tool_server):
+    api = client(tool_server)
+    reply = api.chat.completions.create(model=KIT_MODEL, messages=ASK, tools=[WEATHER_TOOL], temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Let me check."
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"} and call.id
+    messages = ASK + [choice.message.model_dump(exclude_none=True),
+                      {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    final = api.chat.completions.create(model=KIT_MODEL, messages=messages, tools=[WEATHER_TOOL], temperature=0)
+    assert final.choices[0].finish_reason == "stop"
+    assert final.choices[0].message.content == "It is sunny in Paris." and not final.choices[0].message.tool_calls
+
+
+def test_tool_calls_stream_as_openai_deltas(tool_server):
+    chunks = list(client(tool_server).chat.completions.create(
+        model=KIT_MODEL, messages=ASK, tools=[WEATHER_TOOL], temperature=0, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text == "Let me check." and "action" not in text
+    assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
+    assert finishes == ["tool_calls"]
+
+
+def test_without_tools_the_markup_is_not_turned_into_calls(tool_server):
+    reply = client(tool_server).chat.completions.create(model=KIT_MODEL, messages=ASK, temperature=0)
+    assert reply.choices[0].finish_reason == "stop" and not reply.choices[0].message.tool_calls
+
+
+def test_tool_choice_naming_an_unknown_function_is_400(kit_server):
+    r = httpx.post(kit_server.url + "/chat/completions", json={
+        "messages": ASK, "tools": [WEATHER_TOOL],
+        "tool_choice": {"type": "function", "function": {"name": "nope"}}})
+    assert r.status_code == 400 and "nope" in r.json()["error"]["message"]
+
+
+def test_the_tool_call_parser_holds_back_markup_and_reads_both_argument_spellings():
+    from setup_kit.serve.tool_calls import ToolCallParser
+
+    parser = ToolCallParser()
+    shown = [parser.feed(piece)[0] for piece in ["Sure <|act", "ion_start|><|plugin|>\n{\"name\": \"f\", ",
+                                                 "\"arguments\": {\"x\": 1}}<|action_end|> done"]]
+    assert "".join(shown) == "Sure  done" and shown[0] == "Sure "
+    assert [(c.name, json.loads(c.arguments)) for c in parser.calls] == [("f", {"x": 1})]
+    forced = ToolCallParser('<|action_start|><|plugin|>\n{"name": "f", "parameters": ')
+    assert forced.feed('{"x": 2}}')[0] == "" and forced.finish()[1][0].arguments == '{"x": 2}'
+    broken = ToolCallParser()
+    assert broken.feed("<|action_start|>not json<|action_end|>")[0] == "<|action_start|>not json<|action_end|>"
