@@ -135,6 +135,7 @@ class ToolCallingModel(ModelWrapper):
                      + encode_text(tokenizer, '\n{"name": "get_weather", "parameters": {"city": "Paris"}}')
                      + [special("<|action_end|>"), end])
         self.answer = encode_text(tokenizer, "It is sunny in Paris.") + [end]
+        self.arguments = encode_text(tokenizer, '{"city": "Paris"}}') + [special("<|action_end|>"), end]
         self.script, self.step = self.call, 0
 
     def __getattr__(self, name):
@@ -148,7 +149,11 @@ class ToolCallingModel(ModelWrapper):
         ids = kwargs["input_ids"]
         if ids.shape[1] > 1:  # a prefill: a new request (one slot, so one at a time)
             prompt = self._tok.decode(ids[0].tolist())
-            self.script, self.step = (self.answer if "environment name=" in prompt else self.call), 0
+            if prompt.endswith('"parameters": '):  # tool_choice named a function: the server began the call
+                self.script = self.arguments
+            else:
+                self.script = self.answer if "environment name=" in prompt else self.call
+            self.step = 0
         token = self.script[min(self.step, len(self.script) - 1)]
         self.step += 1
         out.logits[:] = -1e4
@@ -182,7 +187,7 @@ def test_a_tool_call_round_trip_through_the_openai_client(tool_server):
     [call] = choice.message.tool_calls
     assert call.type == "function" and call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == {"city": "Paris"} and call.id
-    messages = ASK + [choice.message.model_dump(exclude_none=True),
+    messages = ASK + [choice.message,  # the client's own message object, as the README shows
                       {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
     final = api.chat.completions.create(model=KIT_MODEL, messages=messages, tools=[WEATHER_TOOL], temperature=0)
     assert final.choices[0].finish_reason == "stop"
@@ -225,3 +230,64 @@ def test_the_tool_call_parser_holds_back_markup_and_reads_both_argument_spelling
     assert forced.feed('{"x": 2}}')[0] == "" and forced.finish()[1][0].arguments == '{"x": 2}'
     broken = ToolCallParser()
     assert broken.feed("<|action_start|>not json<|action_end|>")[0] == "<|action_start|>not json<|action_end|>"
+
+
+def test_tool_choice_naming_a_function_starts_the_reply_inside_that_call(tool_server):
+    reply = client(tool_server).chat.completions.create(
+        model=KIT_MODEL, messages=ASK, tools=[WEATHER_TOOL], temperature=0,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    [call] = reply.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert reply.choices[0].finish_reason == "tool_calls"
+
+
+LANGCHAIN_SCRIPT = """
+import json, sys
+from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
+from langchain_core.tools import tool
+from langchain_openai import ChatOpenAI
+from pydantic import BaseModel
+
+llm = ChatOpenAI(base_url=sys.argv[1], api_key="unused", model=sys.argv[2], temperature=0, max_retries=0,
+                 timeout=60)
+ask = [SystemMessage("Be brief."), HumanMessage("Weather in Paris?")]
+out = {"invoke": llm.invoke(ask).content, "stream": "".join(c.content for c in llm.stream(ask))}
+
+@tool
+def get_weather(city: str) -> str:
+    \"\"\"The current weather in a city.\"\"\"
+    return "sunny, 21 C"
+
+bound = llm.bind_tools([get_weather])
+ai = bound.invoke(ask)
+out["tool_calls"] = ai.tool_calls
+result = ToolMessage(get_weather.invoke(ai.tool_calls[0]["args"]), tool_call_id=ai.tool_calls[0]["id"])
+out["final"] = bound.invoke(ask + [ai, result]).content
+
+class Weather(BaseModel):
+    city: str
+
+out["structured"] = llm.with_structured_output(Weather, method="function_calling").invoke(ask).model_dump()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_langchain_chat_openai_invoke_stream_tools_and_structured_output(tool_server, tmp_path):
+    """LangChain's ChatOpenAI (its own venv: langchain-openai from PyPI) against the server."""
+    import subprocess
+
+    from fixtures.venvs import cached_venv
+
+    python = cached_venv("langchain-openai", ["langchain-openai==1.7.4"])
+    script = tmp_path / "lc.py"
+    script.write_text(LANGCHAIN_SCRIPT)
+    done = subprocess.run([str(python), str(script), tool_server.url, KIT_MODEL], capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["invoke"] and out["stream"] == out["invoke"]
+    [call] = out["tool_calls"]
+    assert call["name"] == "get_weather" and call["args"] == {"city": "Paris"}
+    assert out["final"] == "It is sunny in Paris."
+    assert out["structured"] == {"city": "Paris"}
