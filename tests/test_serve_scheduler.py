@@ -146,3 +146,58 @@ def test_max_tokens_is_clipped_to_the_context_window(scheduler, tiny_model_and_t
     final = submit(scheduler, ids, max_tokens=1000).final
     assert final.completion_tokens <= 5
     assert final.finish_reason in ("stop", "length")
+
+
+def test_a_request_cancelled_while_waiting_leaves_the_queue_at_once(tiny_model_and_tokenizer):
+    from fixtures.servers import PacedModel
+
+    model, tokenizer, info = tiny_model_and_tokenizer
+    sched = BatchScheduler(PacedModel(model, 0.02), tokenizer, eos_ids=set(info.eos_token_ids), max_batch=1,
+                           max_queue=2)
+    sched.start()
+    try:
+        ids = prompt(tokenizer, "a long answer please")
+        running = submit(sched, ids, max_tokens=200)
+        deadline = time.monotonic() + 10
+        while sched.load["active"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        waiting = Collector()
+        queued = sched.submit(Request(prompt_ids=ids, params=SamplingParams(max_tokens=5, temperature=0),
+                                      emit=waiting))
+        assert sched.load["waiting"] == 1
+        sched.cancel(queued)
+        assert sched.load["waiting"] == 0 and waiting.final.finish_reason == "cancelled"
+        assert not running.done.is_set()  # the running request goes on
+    finally:
+        sched.stop()
+
+
+def test_close_ends_running_and_waiting_requests_with_their_own_error_and_admits_no_more(tiny_model_and_tokenizer):
+    from fixtures.servers import PacedModel
+
+    from setup_kit.serve.scheduler import ShuttingDown
+
+    model, tokenizer, info = tiny_model_and_tokenizer
+    sched = BatchScheduler(PacedModel(model, 0.02), tokenizer, eos_ids=set(info.eos_token_ids), max_batch=1)
+    sched.start()
+    try:
+        ids = prompt(tokenizer, "a long answer please")
+        running, waiting = submit(sched, ids, max_tokens=200), submit(sched, ids, max_tokens=200)
+        deadline = time.monotonic() + 10
+        while not running.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sched.close()
+        for sink in (running, waiting):
+            assert sink.final.finish_reason == "error" and sink.final.error_type == "server_shutting_down"
+        with pytest.raises(ShuttingDown):
+            submit(sched, ids)
+    finally:
+        sched.stop()
+
+
+@pytest.mark.parametrize("params", [dict(temperature=9e-39), dict(temperature=1.0, top_p=1e-45),
+                                    dict(temperature=1.0, seed=2**64 + 1), dict(temperature=2.0, seed=-5)])
+def test_extreme_sampling_values_sample_without_error(scheduler, tiny_model_and_tokenizer, params):
+    _, tokenizer, _ = tiny_model_and_tokenizer
+    final = submit(scheduler, prompt(tokenizer, "Pick a word"), max_tokens=8, **params).final
+    assert final.finish_reason in ("stop", "length"), final.error
