@@ -70,17 +70,37 @@ def test_logit_bias_and_penalties_change_what_is_chosen(kit_server):
     reply = client(kit_server).chat.completions.create(
         model=KIT_MODEL, messages=USER, temperature=0, max_tokens=5, logit_bias={str(forced): 100})
     assert reply.choices[0].message.content == tok.decode([forced] * 5)
-    unpenalized = client(kit_server).chat.completions.create(model=KIT_MODEL, messages=USER, temperature=0,
-                                                             max_tokens=40, logprobs=True)
-    penalized = client(kit_server).chat.completions.create(model=KIT_MODEL, messages=USER, temperature=0,
-                                                           max_tokens=40, frequency_penalty=2.0, logprobs=True)
-    count = lambda r: max(  # noqa: E731 - the most repeated token
-        [e.token for e in r.choices[0].logprobs.content].count(t) for t in {e.token for e in r.choices[0].logprobs.content})
-    assert count(unpenalized) > 1, "the greedy reply repeats itself (else the test shows nothing)"
-    assert count(penalized) < count(unpenalized)
-    present = client(kit_server).chat.completions.create(model=KIT_MODEL, messages=USER, temperature=0,
-                                                         max_tokens=40, presence_penalty=2.0, logprobs=True)
-    assert present.choices[0].message.content != unpenalized.choices[0].message.content
+    # A bias that wins every step would repeat its token throughout; the penalties push back on it.
+    brief = [{"role": "system", "content": "Be brief."}] + USER
+
+    def times_forced(bias: float, **penalty) -> int:
+        reply = client(kit_server).chat.completions.create(
+            model=KIT_MODEL, messages=brief, temperature=0, max_tokens=12, logit_bias={str(forced): bias},
+            logprobs=True, **penalty)
+        return [e.token for e in reply.choices[0].logprobs.content].count(tok.decode([forced]))
+
+    bias = next(b for b in range(1, 30) if times_forced(float(b)) == 12)  # the smallest that always wins
+    assert times_forced(bias + 4.0) == 12
+    # bias + 4 - 2 x count falls below what was needed to win: the token stops being chosen
+    assert 2 <= times_forced(bias + 4.0, frequency_penalty=2.0) < 12
+
+
+def test_the_penalties_are_openais_formula():
+    """logit -= frequency_penalty x count + presence_penalty x (count > 0), on generated tokens only."""
+    import torch
+
+    from setup_kit.serve.scheduler import Request, SamplingParams, _adjust
+
+    class Slot:
+        request = Request(prompt_ids=[1], emit=print, params=SamplingParams(
+            max_tokens=1, frequency_penalty=0.5, presence_penalty=1.0, logit_bias={2: 3.0}))
+        counts = {5: 3, 7: 1}
+
+    logits = torch.zeros(2, 10)
+    _adjust(logits, 1, Slot())
+    expected = torch.zeros(10)
+    expected[5], expected[7], expected[2] = -(3 * 0.5 + 1.0), -(0.5 + 1.0), 3.0
+    assert torch.equal(logits[1], expected) and torch.equal(logits[0], torch.zeros(10))
 
 
 def test_response_format_json_is_refused_in_plain_words_not_ignored(kit_server):
