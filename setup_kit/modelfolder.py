@@ -140,7 +140,7 @@ def _looks_like_a_model(path: Path) -> bool:
             or (path / "model.safetensors.index.json").exists() or any(path.glob("pytorch_model*.bin")))
 
 
-def source_repo(folder: ModelFolder) -> tuple[str | None, str | None]:
+def source_repo(folder: ModelFolder) -> tuple[str, str | None]:
     """The hub repo the folder holds, and where that guess comes from (None when it is certain).
 
     A download command without the repo would fetch the default model into this folder, over a
@@ -155,20 +155,29 @@ def source_repo(folder: ModelFolder) -> tuple[str | None, str | None]:
     named = folder.config.get("_name_or_path")
     if isinstance(named, str) and REPO_ID.match(named):
         return named, "config.json's _name_or_path"
+    from setup_kit.checks.fixes import DEFAULT_REPO, repo_from_shape
+
+    config = folder.config
+    if not config:  # the listing problems are found before config.json is parsed
+        try:
+            config = json.loads((folder.path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = {}
+    if isinstance(config, dict) and (found := repo_from_shape(config, folder.path)):
+        return found
     name = folder.path.absolute().name
     if name.startswith("internlm") and folder.model_type in (None, "internlm2") and REPO_ID.match(f"internlm/{name}"):
         return f"internlm/{name}", "the folder name"
-    return None, None
+    return DEFAULT_REPO, "nothing in the folder names its model: assumed to be the kit's default model"
 
 
 def download_command(folder: ModelFolder) -> str:
     """`internlm-kit download REPO --local-dir DIR` for this folder, saying how sure the REPO is."""
     repo, guessed_from = source_repo(folder)
-    command = f"internlm-kit download {repo or 'OWNER/NAME'} --local-dir {shlex.quote(str(folder.path))}"
-    if repo is None:
-        return f"{command}   (OWNER/NAME: the hub repo this folder holds)"
+    command = f"internlm-kit download {repo} --local-dir {shlex.quote(str(folder.path))}"
     if guessed_from:
-        return f"{command}   ({repo} is taken from {guessed_from}; name the right repo if it holds another)"
+        taken = guessed_from if guessed_from.startswith(("inferred", "nothing")) else f"taken from {guessed_from}"
+        return f"{command}   ({repo}: {taken}; name the right repo if it holds another)"
     return command
 
 

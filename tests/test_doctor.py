@@ -251,7 +251,9 @@ def test_a_damaged_model_folder_fails_the_right_check(tmp_path, no_gpu, damage, 
     assert_contract(report, result)
     check = by_id(report)[check_id]
     assert check["status"] == "fail" and expected in check["summary"]
-    assert f"internlm-kit download OWNER/NAME --local-dir {path}" in check["fix"]  # nothing names the repo
+    # nothing names the repo: the kit's default model, said to be assumed (never a placeholder)
+    assert f"internlm-kit download internlm/internlm2-chat-1_8b --local-dir {path}" in check["fix"]
+    assert "OWNER/NAME" not in check["fix"]
 
 
 def test_remote_code_importing_what_this_transformers_lacks_is_found_in_the_target(tmp_path, no_gpu):

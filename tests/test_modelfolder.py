@@ -145,7 +145,8 @@ def test_a_fix_names_the_repo_the_folder_is_named_after_and_says_it_is_a_guess(t
     converted = make_model_folder(tmp_path / "internlm2-chat-7b-llama", config={**CONFIG, "model_type": "llama"})
     truncate(converted / "model-00001-of-00002.safetensors", 0.5)
     fix = inspect_model_folder(converted).problem("shard-truncated").fix
-    assert f"internlm-kit download OWNER/NAME --local-dir {converted}" in fix  # not a hub repo's name
+    assert f"internlm-kit download internlm/internlm2-chat-1_8b --local-dir {converted}" in fix  # not a hub repo's name
+    assert "assumed" in fix and "OWNER/NAME" not in fix
 
 
 def test_a_folder_with_neither_config_nor_weights_is_one_problem(tmp_path):
@@ -153,7 +154,7 @@ def test_a_folder_with_neither_config_nor_weights_is_one_problem(tmp_path):
     (tmp_path / "x" / "notes.txt").write_text("hello\n")
     folder = inspect_model_folder(tmp_path / "x")
     assert codes(folder) == ["not-a-model-folder"]
-    assert "--model" in folder.problems[0].fix and "OWNER/NAME" in folder.problems[0].fix
+    assert "--model" in folder.problems[0].fix and "OWNER/NAME" not in folder.problems[0].fix
     with pytest.raises(ModelFolderError) as raised:
         open_model_folder(tmp_path / "x")
     assert "is not a model folder" in raised.value.message and "more problem" not in raised.value.message

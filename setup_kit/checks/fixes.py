@@ -28,3 +28,37 @@ def install_pins(python: str, profile: Profile, pins: list[Pin]) -> str:
 
 def profile_install(python: str, profile: Profile) -> str:
     return f"internlm-kit install --profile {profile.name} --python {shlex.quote(python)}"
+
+
+# The InternLM2 repos a folder's shape identifies: (hidden_size, num_hidden_layers) -> repo, chat
+# variant first. Only the hub's own releases: a shape that matches none is not guessed at.
+KNOWN_SHAPES = {
+    (2048, 24): ("internlm/internlm2-chat-1_8b", "internlm/internlm2-1_8b"),
+    (4096, 32): ("internlm/internlm2-chat-7b", "internlm/internlm2-7b"),
+    (6144, 48): ("internlm/internlm2-chat-20b", "internlm/internlm2-20b"),
+}
+DEFAULT_REPO = "internlm/internlm2-chat-1_8b"
+
+
+def has_chat_template(folder_path) -> bool:
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads((Path(folder_path) / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and bool(data.get("chat_template"))
+
+
+def repo_from_shape(config: dict, folder_path) -> tuple[str, str] | None:
+    """(repo, why) for an InternLM2 config whose width and depth match a hub release."""
+    if config.get("model_type") not in (None, "internlm2"):
+        return None
+    shape = (config.get("hidden_size"), config.get("num_hidden_layers"))
+    if shape not in KNOWN_SHAPES:
+        return None
+    chat, base = KNOWN_SHAPES[shape]
+    if has_chat_template(folder_path):
+        return chat, f"inferred from config.json's shape (hidden {shape[0]} x {shape[1]} layers) and its chat template"
+    return base, f"inferred from config.json's shape (hidden {shape[0]} x {shape[1]} layers, no chat template)"
