@@ -62,3 +62,68 @@ def repo_from_shape(config: dict, folder_path) -> tuple[str, str] | None:
     if has_chat_template(folder_path):
         return chat, f"inferred from config.json's shape (hidden {shape[0]} x {shape[1]} layers) and its chat template"
     return base, f"inferred from config.json's shape (hidden {shape[0]} x {shape[1]} layers, no chat template)"
+
+
+# --- fixers: what `doctor --fix` does for a failing check (beside the fix text the check prints) ---
+# A fixer reads the same facts the check read and returns requirements for the one combined
+# resolution, or a folder repair, or nothing (the check's own fix is then printed as a step).
+
+FIXERS: dict = {}
+
+
+def fixer(check_id: str):
+    def register(function):
+        FIXERS[check_id] = function
+        return function
+
+    return register
+
+
+def _fitting_pin(ctx, package: str) -> str:
+    """The fix profile's pin when every installed requirer accepts it, else the package unpinned."""
+    from setup_kit.checks.packages import _requirement_fix
+
+    return _requirement_fix(ctx, package)
+
+
+@fixer("packages.required")
+def add_missing(ctx, result) -> dict:
+    from setup_kit.checks.packages import ENGINE_PACKAGES, REQUIRED
+
+    required = ENGINE_PACKAGES.get(ctx.engine, REQUIRED) if ctx.engine else REQUIRED
+    return {"requirements": [_fitting_pin(ctx, name) for name in required if not ctx.env.has(name)]}
+
+
+@fixer("packages.dependencies")
+def meet_dependencies(ctx, result) -> dict:
+    from packaging.requirements import Requirement
+
+    from setup_kit.checks.packages import dependency_problems
+
+    packages = dict.fromkeys(Requirement(req).name for _, _, req, _ in dependency_problems(ctx))
+    return {"requirements": [_fitting_pin(ctx, name) for name in packages]}
+
+
+@fixer("packages.pins")
+def move_to_pins(ctx, result) -> dict:
+    from setup_kit.checks.packages import _same
+
+    if ctx.profile is None:
+        return {}
+    return {"requirements": [p.requirement for p in ctx.profile.pins
+                             if not (ctx.env.version(p.name) and _same(ctx.env.version(p.name), p.version))]}
+
+
+def _download_repair(ctx, result) -> dict:
+    import re
+
+    match = re.search(r"internlm-kit download (\S+) --local-dir ('[^']*'|\S+)", result.fix or "")
+    if not match:
+        return {}
+    import shlex
+
+    return {"download": (match.group(1), shlex.split(match.group(2))[0])}
+
+
+for _id in ("model.config", "model.tokenizer", "model.weights", "model.remote-code"):
+    fixer(_id)(_download_repair)

@@ -25,10 +25,16 @@ def command(
     engine: str = typer.Option("native", "--engine", metavar="ENGINE",
                                help="Whose verdict: native (the kit's default engine, no remote code) or "
                                     "remote-code (trust_remote_code: remote code that cannot run is a problem)."),
+    fix: bool = typer.Option(False, "--fix", help="Repair what fails: one plan (packages resolved together, "
+                                                  "folder re-downloads, steps by hand), asked once, undone if "
+                                                  "the doctor still fails."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="With --fix: apply the plan without asking."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="With --fix: show the plan and change nothing."),
 ) -> None:
     """Inspect an environment, the GPU stack and a model folder; print a fix for every problem.
 
-    Exit code: 0 no problems, 1 problems found, 2 the doctor could not run.
+    Exit code: 0 no problems, 1 problems found, 2 the doctor could not run. With --fix: 0 only when the
+    doctor is clean afterwards.
     """
     from rich.console import Console
 
@@ -51,6 +57,20 @@ def command(
                          "Leave it out (native, the engine internlm-kit chat uses), or pass --engine remote-code "
                          "to check for trust_remote_code.")
 
+    if (yes or dry_run) and not fix:
+        raise UsageError("--yes and --dry-run go with --fix.", "Add --fix, or leave them out.")
+    if fix:
+        if as_json:
+            raise UsageError("--fix prints its plan and asks; it does not combine with --json.",
+                             "Leave --json out, or run the doctor without --fix.")
+        from setup_kit.fix import FixOptions
+        from setup_kit.fix import fix as run_fix
+
+        ids = [part.strip() for part in only.split(",") if part.strip()] if only else None
+        options = FixOptions(python, model, profile, dtype, engine, yes, dry_run, verbose, ids)
+        import sys
+
+        raise typer.Exit(run_fix(options, Console(highlight=False, soft_wrap=not sys.stdout.isatty())))
     ids = [part.strip() for part in only.split(",") if part.strip()] if only else None
     report = diagnose(python=python, model=model, profile=profile, only=ids, dtype=dtype, engine=engine)
     if as_json:
