@@ -22,11 +22,11 @@ endif
 # --profile for install and doctor: none when the kit chooses.
 PROFILE_ARG := $(if $(filter-out auto,$(strip $(PROFILE))),--profile $(strip $(PROFILE)),)
 
-.PHONY: setup test test-fast chat serve doctor bench clean
+.PHONY: setup test test-fast chat serve doctor bench clean chromium
 
 # The stamp holds the profile the venv was set up with: naming another one on an existing venv
 # installs it there (snapshotted, so `internlm-kit install --rollback` undoes it).
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed chromium
 ifneq ($(strip $(PROFILE)),)
 	@if [ "$$(cat $(VENV)/.installed)" != "$(strip $(PROFILE))" ]; then \
 	  $(BIN)/internlm-kit install $(PROFILE_ARG) --python $(BIN)/python --yes \
@@ -38,6 +38,18 @@ endif
 	@$(BIN)/internlm-kit doctor $(PROFILE_ARG) \
 	  || echo "(the doctor found problems: each one above has its fix)"
 
+# The chat page's browser tests drive Debian's Chromium (no browser download). Installed as root or
+# with `sudo -n` (never a password prompt); otherwise the tests say they were skipped and why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" -eq 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=no; fi; \
+	  if [ "$$SUDO" != no ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "--- installing Debian's chromium (for the chat page's browser tests) ---"; \
+	    $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y chromium \
+	      || echo "(chromium could not be installed: the browser tests will be skipped)"; \
+	  else echo "(no chromium, and no root or passwordless sudo to install it: the browser tests will be skipped;" \
+	    "install it with: sudo apt-get install -y chromium)"; fi; }
+
 # With PROFILE, torch and the model stack come from the profile (resolved first, snapshotted), so
 # no other torch is installed before it; the kit's `chat` extra is added after, already satisfied.
 # Every target that needs the environment (setup, test, chat, serve, doctor) depends on this one.
@@ -45,12 +57,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 ifeq ($(strip $(PROFILE)),)
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[chat,serve,test]"
+	$(BIN)/python -m pip install "$(TORCH)"
+	$(BIN)/python -m pip install -e ".[chat,serve,test]"
 else
-	$(BIN)/python -m pip install -q -e ".[serve,test]"
+	$(BIN)/python -m pip install -e ".[serve,test]"
 	$(BIN)/internlm-kit install $(PROFILE_ARG) --python $(BIN)/python --yes
-	$(BIN)/python -m pip install -q -e ".[chat,serve,test]"
+	$(BIN)/python -m pip install -e ".[chat,serve,test]"
 endif
 	echo "$(strip $(PROFILE))" > $@
 
