@@ -78,12 +78,13 @@ doctor: $(VENV)/.installed
 
 # From a clean clone to a chat: set up when needed (the .venv prerequisite), fetch the model when
 # it is not complete on disk (MODEL= a hub name or a folder; default internlm/internlm2-chat-1_8b),
-# then chat, which runs the doctor's pre-flight checks before loading anything.
+# then chat, which runs the doctor's pre-flight checks before loading anything. The kit runs as the
+# terminal's foreground (setup_kit/makerun.py): Ctrl-C reaches it alone, and make ends as the kit ends.
 chat: $(VENV)/.installed
 	@dir=$$($(BIN)/python -c "$$CHAT_MODEL_DIR" "$(MODEL)") || exit 1; \
 	case "$$dir" in fetch:*) dir=$${dir#fetch:}; \
 	  $(BIN)/internlm-kit download $(MODEL) --local-dir "$$dir" || exit 1;; esac; \
-	$(BIN)/internlm-kit chat --model "$$dir"
+	exec $(BIN)/python -m setup_kit.makerun $(BIN)/internlm-kit chat --model "$$dir"
 
 # The folder MODEL resolves to, prefixed "fetch:" when it is missing or incomplete.
 define CHAT_MODEL_DIR
@@ -100,7 +101,7 @@ serve: $(VENV)/.installed
 	@dir=$$($(BIN)/python -c "$$CHAT_MODEL_DIR" "$(MODEL)") || exit 1; \
 	case "$$dir" in fetch:*) dir=$${dir#fetch:}; \
 	  $(BIN)/internlm-kit download $(MODEL) --local-dir "$$dir" || exit 1;; esac; \
-	$(BIN)/internlm-kit serve --model "$(or $(MODEL),internlm/internlm2-chat-1_8b)"
+	exec $(BIN)/python -m setup_kit.makerun $(BIN)/internlm-kit serve --model "$(or $(MODEL),internlm/internlm2-chat-1_8b)"
 
 bench: $(VENV)/.installed
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done

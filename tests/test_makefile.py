@@ -112,3 +112,52 @@ def test_setup_installs_chromium_only_without_a_password_prompt(tmp_path):
     recipe = "\n".join(lines)
     assert "apt-get install -y chromium" in recipe
     assert "sudo -n" in recipe  # sudo never asks for a password: without it, setup says how and goes on
+
+
+@pytest.fixture(scope="module")
+def endless_model(tiny_internlm2_dir, tmp_path_factory) -> Path:
+    """The tiny model whose replies never end on their own, so Ctrl-C lands mid-reply."""
+    from fixtures.models import build_tiny_internlm2
+    from test_chat_repl import never_end_turn
+
+    folder = build_tiny_internlm2(tmp_path_factory.mktemp("models") / "tiny-endless",
+                                  max_position_embeddings=4096,
+                                  tokenizer_model=tiny_internlm2_dir / "tokenizer.model")
+    never_end_turn(folder)
+    return folder
+
+
+def make_in_a_terminal(target: str, model: Path, state: Path):
+    import pexpect
+
+    env = {**os.environ, "INTERNLM_KIT_STATE_DIR": str(state), "NO_COLOR": "1", "TERM": "dumb",
+           "COLUMNS": "200"}
+    env.pop("MAKEFLAGS", None)
+    # -o: the dev venv counts as set up whatever pyproject.toml's time, so make never rebuilds it here.
+    venv = Path(sys.executable).parent.parent
+    return pexpect.spawn("make", ["-C", str(ROOT), "--no-print-directory", target, f"MODEL={model}",
+                                  f"VENV={venv}", "-o", f"{venv}/.installed"],
+                         env=env, encoding="utf-8", timeout=120, dimensions=(40, 200))
+
+
+def test_make_chat_ends_as_the_kit_ends_after_ctrl_c_and_exit(endless_model, tmp_path):
+    child = make_in_a_terminal("chat", endless_model, tmp_path / "state")
+    child.expect_exact(">>> ")
+    child.sendline("tell me a very long story")
+    child.expect_exact("tell me a very long story\r\n")
+    child.expect(r"\S")  # the reply streams
+    child.sendintr()
+    child.expect_exact("reply stopped", timeout=30)
+    child.expect_exact(">>> ")
+    child.sendline("/exit")
+    child.expect(pexpect_eof(), timeout=60)
+    child.close()
+    shown = child.before
+    assert child.exitstatus == 0, shown
+    assert "make:" not in shown and "Interrupt" not in shown and "Error" not in shown
+
+
+def pexpect_eof():
+    import pexpect
+
+    return pexpect.EOF
