@@ -71,8 +71,24 @@ def import_failures(python: str, env) -> dict[str, str]:
     """Import each installed required package (torch aside: the doctor's torch check covers it)."""
     from setup_kit.checks.packages import REQUIRED
 
-    names = [IMPORT_NAMES.get(n, n) for n in REQUIRED if n != "torch" and env.has(n)]
-    done = subprocess.run([python, "-c", IMPORT_SCRIPT, *names], capture_output=True, text=True, timeout=300)
+    return run_imports(python, import_modules(env))
+
+
+def import_modules(env) -> dict[str, str]:
+    """module -> distribution, for the installed required packages; transformers' modeling_utils is
+    what imports accelerate (a broken accelerate breaks every model load, not `import transformers`)."""
+    from setup_kit.checks.packages import REQUIRED
+
+    modules = {IMPORT_NAMES.get(n, n): n for n in REQUIRED if n != "torch" and env.has(n)}
+    if "transformers" in modules and env.has("torch"):
+        modules["transformers.modeling_utils"] = "transformers"
+    return modules
+
+
+def run_imports(python: str, modules, overlay: str | None = None) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=overlay) if overlay else None
+    done = subprocess.run([python, "-c", IMPORT_SCRIPT, *modules], capture_output=True, text=True, timeout=300,
+                          env=env)
     try:
         return json.loads(done.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -93,7 +109,7 @@ def facts(options: FixOptions):
     return ctx
 
 
-def make_plan(report, ctx) -> FixPlan:
+def make_plan(report, ctx, broken: dict[str, str]) -> FixPlan:
     """Walk the failing checks; each fixer adds to the one plan, the rest become steps."""
     from setup_kit.checks.fixes import FIXERS
 
@@ -106,8 +122,12 @@ def make_plan(report, ctx) -> FixPlan:
             plan.downloads.append((result.id, *repair["download"]))
         if not repair.get("requirements") and "download" not in repair:
             plan.steps.append((result.id, result.fix or result.summary))
-    for name, problem in import_failures(ctx.python, ctx.env).items():
-        plan.steps.append(("packages.import", f"`import {name}` fails: {problem}"))
+    if broken:
+        found = prove_older(ctx, broken)
+        if found:
+            plan.requirements.setdefault(found, "packages.import")
+        else:
+            plan.steps += [("packages.import", f"`import {name}` fails: {problem}") for name, problem in broken.items()]
     from packaging.requirements import Requirement
 
     wanted = {Requirement(r).name.lower() for r in plan.requirements}
@@ -115,6 +135,76 @@ def make_plan(report, ctx) -> FixPlan:
     if torch and plan.requirements and "torch" not in wanted:
         plan.keep.append(f"torch=={torch}")
     return plan
+
+
+def older_versions(target, name: str, installed: str) -> list[str]:
+    """The releases of `name` older than the installed one, oldest first (pip's own index query)."""
+    from packaging.version import InvalidVersion, Version
+
+    done = subprocess.run(target.pip_command("index", "versions", name), capture_output=True, text=True,
+                          timeout=120)
+    line = next((l for l in done.stdout.splitlines() if l.startswith("Available versions:")), "")
+    versions = []
+    for text in line.partition(":")[2].split(","):
+        try:
+            version = Version(text.strip())
+        except InvalidVersion:
+            continue
+        if not version.is_prerelease and version < Version(installed):
+            versions.append(version)
+    return [str(v) for v in sorted(versions)]
+
+
+def prove_older(ctx, broken: dict[str, str]) -> str | None:
+    """A release that imports where the installed one does not, proved before anything is touched:
+    each candidate is installed (no dependencies) into a scratch folder laid over the target's
+    packages, and every failing module imported through it. Bisects to the newest that works."""
+    import shutil
+
+    from setup_kit.install.target import inspect_target
+
+    modules = import_modules(ctx.env)
+    # The failing distribution whose own module fails: transformers fails through accelerate.
+    suspects = [modules[m] for m in broken if m in modules and modules[m] != "transformers"] or \
+        [modules[m] for m in broken if m in modules]
+    if not suspects:
+        return None
+    name = suspects[0]
+    target = inspect_target(ctx.python)
+    candidates = older_versions(target, name, ctx.env.version(name))
+
+    def works(version: str) -> bool:
+        scratch = tempfile.mkdtemp(prefix="internlm-kit-prove-")
+        try:
+            done = subprocess.run(target.pip_command("install", "--no-deps", "--target", scratch,
+                                                     f"{name}=={version}"), capture_output=True, timeout=600)
+            return done.returncode == 0 and not run_imports(ctx.python, list(broken), overlay=scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    # Gallop down from the newest (1, 2, 4, ... releases back) to one that works, then bisect between
+    # it and the last that failed: a few tries, and very old releases broken for other reasons are
+    # never what decides.
+    newest_first = candidates[::-1]
+    if not newest_first:
+        return None
+    last, failed, step = len(newest_first) - 1, -1, 1
+    while True:
+        index = min(failed + step, last)
+        if works(newest_first[index]):
+            found = index
+            break
+        if index == last:
+            return None
+        failed, step = index, step * 2
+    low, high = failed + 1, found - 1  # newest_first[failed] fails, newest_first[found] works
+    while low <= high:
+        middle = (low + high) // 2
+        if works(newest_first[middle]):
+            found, high = middle, middle - 1
+        else:
+            low = middle + 1
+    return f"{name}=={newest_first[found]}"
 
 
 def resolve(plan: FixPlan, target, before) -> None:
@@ -174,13 +264,14 @@ def fix(options: FixOptions, console) -> int:
 
     with console.status("Running the doctor"):
         report = rerun(options)
-    if report.ok:
-        render(report, console, verbose=options.verbose)
-        console.print("[green]Nothing to fix: the doctor is clean.[/]")
-        return 0
-    with console.status("Working out the smallest change"):
         ctx = facts(options)
-        plan = make_plan(report, ctx)
+        broken = import_failures(ctx.python, ctx.env)  # pip check cannot see these; importing can
+    if report.ok and not broken:
+        render(report, console, verbose=options.verbose)
+        console.print("[green]Nothing to fix: the doctor is clean and the packages import.[/]")
+        return 0
+    with console.status("Working out the smallest change (candidates are tried before anything changes)"):
+        plan = make_plan(report, ctx, broken)
         target = inspect_target(ctx.python)
         before = list_installed(target)
         resolve(plan, target, before)
