@@ -100,3 +100,83 @@ def test_listening_on_all_addresses_shows_a_url_a_browser_can_open(tiny_internlm
         stop_process(process)
     text = log.read_text()
     assert f"chat page:  http://127.0.0.1:{port}/" in text and f"OpenAI API: http://127.0.0.1:{port}/v1" in text
+
+
+def start_serve(model: Path, tmp_path: Path, *args: str, env: dict | None = None):
+    port = free_port()
+    log = tmp_path / f"serve-{port}.log"
+    env = {**os.environ, "INTERNLM_KIT_STATE_DIR": str(tmp_path / "state"), **(env or {})}
+    with open(log, "w") as out:
+        process = subprocess.Popen([KIT, "serve", "--model", str(model), "--port", str(port), "--device", "cpu",
+                                    "--dtype", "fp32", "--threads", "1", "--skip-checks", *args],
+                                   stdout=out, stderr=subprocess.STDOUT, env=env)
+    wait_for_http(f"http://127.0.0.1:{port}/health", process, 120, log)
+    return process, port, log
+
+
+def readme_openai_snippet() -> str:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    blocks = readme.split("```python\n")[1:]
+    [snippet] = [b.split("```")[0] for b in blocks if "OpenAI(base_url=" in b and "stream=True" in b]
+    return snippet
+
+
+def test_the_readme_snippet_works_against_a_downloaded_folder_served_by_its_folder_name(
+        tiny_internlm2_dir, tmp_path):
+    import json
+    import shutil
+
+    # A folder as `internlm-kit download` leaves it: named by the user, with the kit's download record.
+    folder = tmp_path / "my-model"
+    shutil.copytree(tiny_internlm2_dir, folder)
+    (folder / ".cache" / "internlm-kit").mkdir(parents=True, exist_ok=True)
+    (folder / ".cache" / "internlm-kit" / "manifest.json").write_text(
+        json.dumps({"repo": "internlm/internlm2-chat-1_8b", "files": {}}), encoding="utf-8")
+    process, port, log = start_serve(folder, tmp_path)
+    try:
+        snippet = readme_openai_snippet().replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+        done = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.strip(), done.stderr
+        base = f"http://127.0.0.1:{port}/v1"
+        assert [m["id"] for m in httpx.get(f"{base}/models").json()["data"]] == ["my-model"]
+        for name in ("my-model", "internlm/internlm2-chat-1_8b"):  # both names reach the model
+            assert httpx.get(f"{base}/models/{name}").status_code == 200
+        assert httpx.post(f"{base}/chat/completions", json={"model": "someone/else", "messages": [
+            {"role": "user", "content": "hi"}]}).status_code == 404
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        stop_process(process)
+    shown = log.read_text()
+    # The start-up snippet names the exact model served, and runs as printed.
+    assert 'model="my-model"' in shown and f'base_url="http://127.0.0.1:{port}/v1"' in shown
+
+
+def test_serve_flags_reach_the_running_server(tiny_internlm2_dir, tmp_path):
+    process, port, log = start_serve(
+        tiny_internlm2_dir, tmp_path, "--max-batch", "2", "--max-queue", "3", "--model-name", "house-model",
+        "--system", "Answer in French.", env={"INTERNLM_KIT_API_KEY": "s3cret"})
+    try:
+        base = f"http://127.0.0.1:{port}/v1"
+        key = {"Authorization": "Bearer s3cret"}
+        assert httpx.get(f"{base}/models").status_code == 401  # the key from the environment is required
+        assert httpx.get(f"{base}/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert [m["id"] for m in httpx.get(f"{base}/models", headers=key).json()["data"]] == ["house-model"]
+        assert httpx.get(f"{base}/models/{tiny_internlm2_dir.name}", headers=key).status_code == 404
+        health = httpx.get(f"http://127.0.0.1:{port}/health").json()
+        assert health["max_batch"] == 2 and health["max_queue"] == 3
+
+        def prompt_tokens(messages):
+            reply = httpx.post(f"{base}/chat/completions", headers=key, timeout=60, json={
+                "model": "house-model", "messages": messages, "max_tokens": 1})
+            assert reply.status_code == 200, reply.text
+            return reply.json()["usage"]["prompt_tokens"]
+
+        ask = {"role": "user", "content": "hi"}
+        # --system is the prompt a conversation without one gets: the same tokens as sending it.
+        assert prompt_tokens([ask]) == prompt_tokens([{"role": "system", "content": "Answer in French."}, ask])
+        assert prompt_tokens([ask]) != prompt_tokens([{"role": "system", "content": "x"}, ask])
+    finally:
+        stop_process(process)
+    shown = log.read_text()
+    assert 'model="house-model"' in shown and "INTERNLM_KIT_API_KEY" in shown and "s3cret" not in shown

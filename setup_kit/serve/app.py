@@ -66,6 +66,10 @@ class ServedModel:
     system: str | None = None  # put before a conversation with no system message; None: InternLM's own
     default_max_tokens: int = DEFAULT_MAX_TOKENS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    aliases: tuple[str, ...] = ()  # other names requests may use: the folder's, the hub repo it came from
+
+    def answers_to(self, name: str) -> bool:
+        return name == self.id or name in self.aliases
 
     @property
     def context_window(self) -> int:
@@ -225,13 +229,13 @@ def create_app(served: ServedModel, *, api_key: str | None = None) -> FastAPI:
 
     @app.get("/v1/models/{model_id:path}", dependencies=[Depends(check_key)])
     async def model(model_id: str):
-        if model_id != served.id:
+        if not served.answers_to(model_id):
             raise _unknown_model(model_id, served)
         return card().model_dump()
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(body: schema.ChatCompletionRequest, http_request: Request):
-        if body.model and body.model != served.id:
+        if body.model and not served.answers_to(body.model):
             raise _unknown_model(body.model, served)
         _refuse_unsupported(body)
         tools = body.tools_offered()
@@ -251,7 +255,7 @@ def create_app(served: ServedModel, *, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(body: schema.CompletionRequest, http_request: Request):
-        if body.model and body.model != served.id:
+        if body.model and not served.answers_to(body.model):
             raise _unknown_model(body.model, served)
         if body.stream:
             raise APIError(400, "Streaming is not offered on /v1/completions; send \"stream\": false, or use "

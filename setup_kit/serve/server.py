@@ -146,6 +146,8 @@ def serve(options: ServeOptions) -> int:
                                max_batch=options.max_batch, max_queue=options.max_queue,
                                system=options.system, default_max_tokens=options.default_max_tokens,
                                max_body_bytes=int(options.max_body_mb * 1024 * 1024) if options.max_body_mb else None)
+    if not options.model_name:
+        served.aliases = tuple(sorted(served_aliases(model_dir) - {name}))
     # A wildcard address listens everywhere but is not one a browser can open: show this machine's.
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(options.host, options.host)
     shown = f"[{host}]" if ":" in host else host
@@ -153,6 +155,7 @@ def serve(options: ServeOptions) -> int:
                   f"  chat page:  http://{shown}:{options.port}/\n"
                   f"  OpenAI API: http://{shown}:{options.port}/v1"
                   + ("  (API key required)" if options.api_key else ""))
+    console.print(openai_snippet(name, f"http://{shown}:{options.port}/v1", options.api_key), soft_wrap=True)
     run(served, host=options.host, port=options.port, api_key=options.api_key)
     return 0
 
@@ -205,6 +208,37 @@ def _default_name(model: str | None, model_dir: Path) -> str:
 
         return DEFAULT_REPO
     return model_dir.resolve().name
+
+
+def served_aliases(model_dir: Path) -> set[str]:
+    """Names a request may use besides the served one: the folder's own, and the hub repo the folder
+    came from (the kit's download record, else config.json's _name_or_path)."""
+    import json
+
+    from setup_kit.modelfolder import KIT_MANIFEST, REPO_ID
+
+    names = {model_dir.resolve().name}
+    for source, key in ((KIT_MANIFEST, "repo"), ("config.json", "_name_or_path")):
+        try:
+            found = json.loads((model_dir / source).read_text(encoding="utf-8")).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(found, str) and REPO_ID.match(found):
+            names.add(found)
+            break
+    return names
+
+
+def openai_snippet(name: str, base_url: str, api_key: str | None) -> str:
+    """Python that talks to this server as started, with the exact model name it serves."""
+    key = "os.environ['INTERNLM_KIT_API_KEY']" if api_key else '"none"'
+    head = "import os\n  " if api_key else ""
+    return ("  from Python (pip install openai):\n"
+            f"  {head}from openai import OpenAI\n"
+            f"  client = OpenAI(base_url=\"{base_url}\", api_key={key})\n"
+            f"  reply = client.chat.completions.create(model=\"{name}\", "
+            "messages=[{\"role\": \"user\", \"content\": \"Hello!\"}])\n"
+            "  print(reply.choices[0].message.content)")
 
 
 def _warn_if_exposed(options: ServeOptions) -> None:
