@@ -7,6 +7,8 @@ TORCH  ?= torch==2.13.0
 PROFILE ?=
 MODEL  ?=
 PYTEST_ARGS ?=
+# More options for `make chat` / `make serve`, e.g. ARGS="--port 8001".
+ARGS ?=
 
 # No PROFILE on a machine with an NVIDIA driver: `internlm-kit install` picks the profile whose torch
 # CUDA build that driver runs (PyPI's default torch is built for a newer CUDA than a 12.2 driver
@@ -84,7 +86,7 @@ chat: $(VENV)/.installed
 	@dir=$$($(BIN)/python -c "$$CHAT_MODEL_DIR" "$(MODEL)") || exit 1; \
 	case "$$dir" in fetch:*) dir=$${dir#fetch:}; \
 	  $(BIN)/internlm-kit download $(MODEL) --local-dir "$$dir" || exit 1;; esac; \
-	exec $(BIN)/python -m setup_kit.makerun $(BIN)/internlm-kit chat --model "$$dir"
+	exec $(BIN)/python -m setup_kit.makerun $(BIN)/internlm-kit chat --model "$$dir" $(ARGS)
 
 # The folder MODEL resolves to, prefixed "fetch:" when it is missing or incomplete.
 define CHAT_MODEL_DIR
@@ -101,7 +103,7 @@ serve: $(VENV)/.installed
 	@dir=$$($(BIN)/python -c "$$CHAT_MODEL_DIR" "$(MODEL)") || exit 1; \
 	case "$$dir" in fetch:*) dir=$${dir#fetch:}; \
 	  $(BIN)/internlm-kit download $(MODEL) --local-dir "$$dir" || exit 1;; esac; \
-	exec $(BIN)/python -m setup_kit.makerun $(BIN)/internlm-kit serve --model "$(or $(MODEL),internlm/internlm2-chat-1_8b)"
+	exec $(BIN)/python -m setup_kit.makerun $(BIN)/internlm-kit serve --model "$(or $(MODEL),internlm/internlm2-chat-1_8b)" $(ARGS)
 
 bench: $(VENV)/.installed
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done

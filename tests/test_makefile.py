@@ -127,7 +127,7 @@ def endless_model(tiny_internlm2_dir, tmp_path_factory) -> Path:
     return folder
 
 
-def make_in_a_terminal(target: str, model: Path, state: Path):
+def make_in_a_terminal(target: str, model: Path, state: Path, *variables: str):
     import pexpect
 
     env = {**os.environ, "INTERNLM_KIT_STATE_DIR": str(state), "NO_COLOR": "1", "TERM": "dumb",
@@ -136,7 +136,7 @@ def make_in_a_terminal(target: str, model: Path, state: Path):
     # -o: the dev venv counts as set up whatever pyproject.toml's time, so make never rebuilds it here.
     venv = Path(sys.executable).parent.parent
     return pexpect.spawn("make", ["-C", str(ROOT), "--no-print-directory", target, f"MODEL={model}",
-                                  f"VENV={venv}", "-o", f"{venv}/.installed"],
+                                  f"VENV={venv}", "-o", f"{venv}/.installed", *variables],
                          env=env, encoding="utf-8", timeout=120, dimensions=(40, 200))
 
 
@@ -161,3 +161,18 @@ def pexpect_eof():
     import pexpect
 
     return pexpect.EOF
+
+
+def test_make_serve_ends_as_the_kit_ends_after_ctrl_c(tiny_internlm2_dir, tmp_path):
+    from fixtures.servers import free_port
+
+    port = free_port()
+    child = make_in_a_terminal("serve", tiny_internlm2_dir, tmp_path / "state", f"ARGS=--port {port} --threads 1")
+    child.expect_exact(f"http://127.0.0.1:{port}/v1")
+    child.expect_exact("Uvicorn running", timeout=120)
+    child.sendintr()
+    child.expect(pexpect_eof(), timeout=60)
+    child.close()
+    shown = child.before
+    assert child.exitstatus == 0, shown
+    assert "make:" not in shown and "Interrupt" not in shown and "Traceback" not in shown
