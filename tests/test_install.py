@@ -103,6 +103,26 @@ def test_an_unreachable_torch_source_stops_a_cuda_install_before_anything_change
     assert result.returncode == 1, result.stdout + result.stderr
     assert "http://127.0.0.1:9/whl cannot be reached" in result.stderr and "--torch-index-url" in result.stderr
     assert not (tmp_path / "snapshots").exists()
+    # The dry run says what the real run does: the same refusal, the same exit code.
+    dry = kit("--profile", str(profile), "--python", str(python), "--dry-run", state=tmp_path)
+    assert dry.returncode == result.returncode, dry.stdout + dry.stderr
+    assert "http://127.0.0.1:9/whl cannot be reached" in dry.stderr and "Traceback" not in dry.stderr
+
+
+def test_a_dry_run_gives_the_size_of_what_the_install_downloads(tmp_path):
+    import json
+
+    python = make_venv(tmp_path / "venv")
+    profile = write_profile(tmp_path, "small", {"six": "1.16.0", "idna": "3.6"})
+    result = kit("--profile", str(profile), "--python", str(python), "--dry-run", "--json", state=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    fetched = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "-d", str(fetched), "six==1.16.0", "idna==3.6"], check=True, capture_output=True, timeout=300)
+    real = sum(f.stat().st_size for f in fetched.iterdir())
+    assert json.loads(result.stdout)["resolution"]["download_bytes"] == real
+    shown = kit("--profile", str(profile), "--python", str(python), "--dry-run", state=tmp_path)
+    assert f"Download: about {real / 1e3:.1f} kB" in shown.stdout, shown.stdout
 
 
 @pytest.mark.parametrize("machine, expected", [("a100-535", "current"), ("t4", "current"), ("v100-470", "cpu")])

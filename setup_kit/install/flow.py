@@ -116,6 +116,16 @@ def open_target(options: InstallOptions, profile, console, scratch: list[Path]) 
     return target
 
 
+def describe_size(size: int | None) -> str:
+    """'about 2.4 GB' for what an install fetches (pip may reuse some of it from its cache)."""
+    if size is None:
+        return "size unknown (the package index did not say)"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"about {size / scale:.1f} {unit} (less where pip's cache already has a file)"
+    return f"{size} bytes"
+
+
 def print_resolution(console, resolution, before_count: int) -> None:
     from collections import Counter
 
@@ -132,6 +142,8 @@ def print_resolution(console, resolution, before_count: int) -> None:
         style = {"downgrade": "yellow", "remove": "red", "upgrade": "cyan", "install": "green"}
         for change in sorted(resolution.changes, key=lambda c: (order[c.kind], c.name.lower())):
             console.print(f"  [{style.get(change.kind, 'white')}]{escape(change.describe())}[/]", highlight=False)
+    if resolution.changes:
+        console.print(f"Download: {describe_size(resolution.download_bytes)}", highlight=False)
     for line in resolution.conflicts:
         console.print(f"  [bold yellow]conflict:[/] {escape(line)}", highlight=False)
     if resolution.conflicts:

@@ -102,10 +102,11 @@ def make_plan(profile: Profile, target: Target, installer: str, torch_index_url:
         return plan
     why = f" ({profile.torch_source_why})" if profile.torch_source_why else ""
     message = f"the torch source {url} cannot be reached from here ({problem})"
-    if profile.cuda and not dry_run:
+    # A dry run refuses as the real run does: it says what the install would do, refusal included.
+    if profile.cuda:
         raise KitError(f"Cannot install profile {profile.name}: {message}. Its torch build comes only from there{why}.",
                        "Check the network or proxy (pip honours HTTPS_PROXY), or pass --torch-index-url with a "
-                       "mirror of that index; `--dry-run` still shows the rest of the plan.")
+                       "mirror of that index.")
     fallback = "its build may differ from the profile's" if profile.cuda else "PyPI's torch also runs on CPU, but it is the larger CUDA build"
     plan.notes.append(f"{message}: torch is resolved from your configured indexes instead; {fallback}{why}")
     return plan

@@ -26,6 +26,7 @@ class Change:
     old: str | None
     new: str | None
     requires: list[str] = field(default_factory=list)
+    url: str = ""  # where pip would fetch it from (pip's report); "" when unknown
 
     def describe(self) -> str:
         if self.kind == "install":
@@ -42,10 +43,11 @@ class Resolution:
     conflicts: list[str]  # requirements of installed packages the result would break
     seconds: float
     output: str = ""  # pip's own output, shown under -v
+    download_bytes: int | None = None  # what the install would fetch; None when unknown (uv, no answer)
 
     def to_dict(self) -> dict:
         return {"changes": [asdict(c) for c in self.changes], "conflicts": self.conflicts,
-                "seconds": round(self.seconds, 2)}
+                "seconds": round(self.seconds, 2), "download_bytes": self.download_bytes}
 
 
 def classify(name: str, old: str | None, new: str) -> str:
@@ -73,8 +75,37 @@ def changes_from_report(report: dict, before: Environment) -> list[Change]:
         current = before.distributions.get(_canonical(meta["name"]))
         old = current.version if current else None
         changes.append(Change(meta["name"], classify(meta["name"], old, meta["version"]), old, meta["version"],
-                              list(meta.get("requires_dist") or [])))
+                              list(meta.get("requires_dist") or []),
+                              str((item.get("download_info") or {}).get("url") or "")))
     return changes
+
+
+def download_size(urls: list[str], timeout: float = 10.0) -> int | None:
+    """The bytes behind the archive URLs pip would fetch (HEAD's Content-Length, file size for file:
+    URLs), asked in parallel; None when any size cannot be learnt, rather than a figure too small."""
+    import urllib.parse
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    def size(url: str) -> int | None:
+        if url.startswith("file:"):
+            try:
+                return os.path.getsize(urllib.request.url2pathname(urllib.parse.urlparse(url).path))
+            except OSError:
+                return None
+        request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "internlm-kit"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as answer:
+                length = answer.headers.get("Content-Length")
+                return int(length) if length and length.isdigit() else None
+        except (OSError, ValueError):
+            return None
+
+    if not urls or any(not u for u in urls):
+        return None if urls else 0
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        sizes = list(pool.map(size, urls))
+    return None if any(s is None for s in sizes) else sum(sizes)
 
 
 def changes_from_uv(output: str, before: Environment) -> list[Change]:
@@ -144,7 +175,9 @@ def resolve(plan: Plan, before: Environment, on_line=None) -> Resolution:
             with open(report_path, encoding="utf-8") as handle:
                 changes = changes_from_report(json.load(handle), before)
     conflicts = predicted_conflicts(before, changes, plan.target.python)
-    return Resolution(changes, conflicts, time.perf_counter() - started, output)
+    fetched = [c.url for c in changes if c.kind != "remove"]
+    size = download_size(fetched) if plan.installer != "uv" else None
+    return Resolution(changes, conflicts, time.perf_counter() - started, output, size)
 
 
 def run_captured(argv: list[str], on_line=None, timeout: float | None = None) -> tuple[str, int]:
