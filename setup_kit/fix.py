@@ -44,6 +44,7 @@ class FixPlan:
     steps: list[tuple[str, str]] = field(default_factory=list)  # (check id, what to do by hand)
     changes: list = field(default_factory=list)  # resolve.Change, what the resolution says will move
     conflicts: list[str] = field(default_factory=list)
+    why: list[str] = field(default_factory=list)  # failures the checks' summaries do not show
 
     @property
     def empty(self) -> bool:
@@ -109,6 +110,21 @@ def facts(options: FixOptions):
     return ctx
 
 
+def rehearsal_problem(options: FixOptions, python: str) -> str | None:
+    """With --model: the engine's own path on a miniature twin of the folder (the rehearsal), the
+    final proof that the fixed environment runs the model; None when it passes."""
+    if options.model is None:
+        return None
+    from setup_kit.probe.rehearsal import rehearse
+
+    outcome = rehearse(python, options.model, options.engine, dtype=options.dtype)
+    if outcome.passed:
+        return None
+    where = f" at {outcome.where}" if outcome.where else ""
+    return (f"the {options.engine} rehearsal fails at {outcome.stage or 'its start'}: "
+            f"{outcome.exception_type or 'error'}: {outcome.message}{where}")
+
+
 def make_plan(report, ctx, broken: dict[str, str]) -> FixPlan:
     """Walk the failing checks; each fixer adds to the one plan, the rest become steps."""
     from setup_kit.checks.fixes import FIXERS
@@ -126,6 +142,8 @@ def make_plan(report, ctx, broken: dict[str, str]) -> FixPlan:
         found = prove_older(ctx, broken)
         if found:
             plan.requirements.setdefault(found, "packages.import")
+            plan.why += [f"`import {name}` fails: {problem}; {found} imports (tried before anything changes)"
+                         for name, problem in broken.items()]
         else:
             plan.steps += [("packages.import", f"`import {name}` fails: {problem}") for name, problem in broken.items()]
     from packaging.requirements import Requirement
@@ -233,6 +251,8 @@ def resolve(plan: FixPlan, target, before) -> None:
 
 
 def show_plan(plan: FixPlan, console) -> None:
+    for problem in plan.why:
+        console.print(f"  because {escape(problem)}", highlight=False, soft_wrap=True)
     if plan.changes:
         console.print("Packages, resolved together in one resolution"
                       + (f" ({', '.join(plan.keep)} kept)" if plan.keep else "") + ":")
@@ -266,12 +286,18 @@ def fix(options: FixOptions, console) -> int:
         report = rerun(options)
         ctx = facts(options)
         broken = import_failures(ctx.python, ctx.env)  # pip check cannot see these; importing can
+    rehearsal = None
     if report.ok and not broken:
-        render(report, console, verbose=options.verbose)
-        console.print("[green]Nothing to fix: the doctor is clean and the packages import.[/]")
-        return 0
+        with console.status("Rehearsing the model on a miniature twin"):
+            rehearsal = rehearsal_problem(options, ctx.python)
+        if rehearsal is None:
+            render(report, console, verbose=options.verbose)
+            console.print("[green]Nothing to fix: the doctor is clean and the packages import.[/]")
+            return 0
     with console.status("Working out the smallest change (candidates are tried before anything changes)"):
         plan = make_plan(report, ctx, broken)
+        if rehearsal:
+            plan.steps.append(("rehearsal", rehearsal))
         target = inspect_target(ctx.python)
         before = list_installed(target)
         resolve(plan, target, before)
@@ -331,6 +357,8 @@ def apply(plan: FixPlan, target, before, options: FixOptions, console) -> int:
     broken = import_failures(target.python, probe.probe_environment(target.python))
     by_hand = {check_id for check_id, _ in plan.steps}
     still = [c.id for c in failing(after) if c.id not in by_hand] + [f"import {n}" for n in broken]
+    if not still and not by_hand and (problem := rehearsal_problem(options, target.python)):
+        still.append(problem)
     if still:
         kept = restore(target, snapshot, console, options)
         console.print(f"[red]After the fix the doctor still fails ({', '.join(still)}): {kept}.[/]",
