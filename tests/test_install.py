@@ -172,3 +172,41 @@ def test_restore_plan_removes_what_was_added_and_reinstalls_what_moved():
     assert plan.unchanged == 2
     commands = restore_commands(Target("/py", "3.11", ("pip",)), plan)
     assert commands == [["pip", "uninstall", "--yes", "extra"], ["pip", "install", "--no-deps", "gone==1.0", "idna==3.6"]]
+
+
+class RecordingConsole:
+    """What `install` shows: printed lines, and each text its progress line was updated to."""
+
+    def __init__(self):
+        self.printed, self.status_lines = [], []
+
+    def print(self, *parts, **_):
+        self.printed.append(" ".join(map(str, parts)))
+
+    def status(self, text, **_):
+        import contextlib
+
+        console = self
+
+        class Status:
+            def update(self, text):
+                console.status_lines.append(text)
+
+        console.status_lines.append(text)
+        return contextlib.nullcontext(Status())
+
+
+def test_install_steps_show_how_far_a_download_is(tmp_path):
+    from setup_kit.install.execute import run_steps
+
+    console = RecordingConsole()
+    # A wheel over pip's 512 kB progress threshold, fetched (not from the cache), into a folder.
+    argv = [sys.executable, "-m", "pip", "install", "--no-cache-dir", "--no-deps", "--target",
+            str(tmp_path / "site"), "setuptools==69.0.0"]
+    [result] = run_steps([argv], console, False, tmp_path / "install.log", "Installing")
+    assert result.code == 0, result.output
+    progress = [line for line in console.status_lines if " MB (" in line]
+    assert progress and progress[-1].endswith("(100%)"), console.status_lines
+    assert "setuptools" in progress[-1]
+    # The log and the step's output keep pip's words, not thousands of progress lines.
+    assert "Progress " not in (tmp_path / "install.log").read_text() and "Progress " not in result.output

@@ -4,6 +4,7 @@ and everything written to a log under the state directory."""
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,26 @@ def log_path(label: str) -> Path:
     return directory / f"{time.strftime('%Y%m%d-%H%M%S')}-{label}.log"
 
 
+RAW_PROGRESS = re.compile(r"^Progress (\d+) of (\d+)$")
+
+
+def with_raw_progress(argv: list[str]) -> list[str]:
+    """pip >= 24.1 reports download progress as `Progress N of M` lines when asked (its bar is drawn
+    only on a terminal, and pip's output comes here through a pipe): ask, so a 2 GB torch wheel
+    shows how far it is instead of minutes of silence. Older pips and uv run as planned."""
+    if "install" not in argv or Path(argv[0]).name.startswith("uv"):
+        return argv
+    at = argv.index("install")
+    try:
+        shown = subprocess.run([*argv[:at], "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return argv
+    found = re.match(r"pip (\d+)\.(\d+)", shown)
+    if not found or (int(found[1]), int(found[2])) < (24, 1):
+        return argv
+    return [*argv[:at + 1], "--progress-bar", "raw", *argv[at + 1:]]
+
+
 def run_steps(commands: list[list[str]], console, verbose: bool, log: Path, title: str) -> list[StepResult]:
     """Run commands in order, stopping at the first failure; returns what each did."""
     results = []
@@ -41,14 +62,24 @@ def run_steps(commands: list[list[str]], console, verbose: bool, log: Path, titl
             handle.write(f"$ {show_command(argv)}\n")
             started = time.perf_counter()
             with console.status(f"{title} {number}/{len(commands)}", spinner="dots") as status:
+                last = [""]
+
                 def on_line(line: str, status=status) -> None:
+                    if raw := RAW_PROGRESS.match(line.strip()):
+                        done, total = int(raw[1]), int(raw[2])
+                        if total:
+                            status.update(f"{title} {number}/{len(commands)}: {last[0][:80]}  "
+                                          f"{done / 1e6:.0f}/{total / 1e6:.0f} MB ({100 * done // total}%)")
+                        return
                     handle.write(line + "\n")
                     if verbose:
                         console.print(f"    {line}", markup=False, highlight=False)
                     elif PROGRESS.match(line):
+                        last[0] = line.strip()
                         status.update(f"{title} {number}/{len(commands)}: {line.strip()[:100]}")
 
-                output, code = run_captured(list(argv), on_line)
+                output, code = run_captured(with_raw_progress(list(argv)), on_line)
+                output = "\n".join(line for line in output.splitlines() if not RAW_PROGRESS.match(line.strip()))
             seconds = time.perf_counter() - started
             handle.write(f"# exit {code} after {seconds:.1f}s\n")
             results.append(StepResult(list(argv), code, output, seconds))
