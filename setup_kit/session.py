@@ -32,7 +32,16 @@ from setup_kit.errors import ChatError, ContextOverflow, KitError, UsageError
 SAVE_FORMAT = "internlm-kit-chat"
 SAVE_VERSION = 1
 # Settings `/set` may change, and how to read a value typed for each.
-SETTABLE = {"temperature": float, "top_p": float, "max_new_tokens": int, "seed": int}
+def boolean(text: str) -> bool:
+    """`/set greedy true`: true/false, on/off, yes/no, 1/0."""
+    words = {"true": True, "on": True, "yes": True, "1": True, "false": False, "off": False, "no": False, "0": False}
+    if text.lower() not in words:
+        raise ValueError(text)
+    return words[text.lower()]
+
+
+SETTABLE = {"temperature": float, "top_p": float, "max_new_tokens": int, "seed": int, "greedy": boolean}
+KIND_WORDS = {int: ("a whole number", "512"), float: ("a number", "0.7"), boolean: ("true or false", "true")}
 # `INTERNLM_KIT_CHAT_LOG=FILE`: append every message list sent to the engine as one JSON line.
 LOG_ENV = "INTERNLM_KIT_CHAT_LOG"
 
@@ -207,9 +216,9 @@ class Session:
         try:
             parsed = kind(value)
         except ValueError:
-            raise UsageError(f"{name} takes {'a whole number' if kind is int else 'a number'}, "
-                             f"not {value!r}.", fix=f"For example: /set {name} "
-                             f"{'512' if kind is int else '0.7'}") from None
+            words, example = KIND_WORDS[kind]
+            raise UsageError(f"{name} takes {words}, not {value!r}.",
+                             fix=f"For example: /set {name} {example}") from None
         check_setting(name, parsed)
         setattr(self.params, name, parsed)
         if name == "temperature" and parsed > 0:
@@ -295,9 +304,20 @@ def read_saved(path: str | os.PathLike) -> tuple[str | None, list[Message], dict
         history.append({"role": m["role"], "content": m["content"]})
     params = {}
     known = {f.name for f in fields(GenerationParams)} - {"stop"}
-    for name, value in (data.get("params") or {}).items():
+    saved = data.get("params") or {}
+    if not isinstance(saved, dict):
+        raise UsageError(f"{path} is damaged: 'params' is not an object of settings.", fix=fix)
+    for name, value in saved.items():
         if name in known:
-            if name in SETTABLE and value is not None:
+            if name in SETTABLE and not (value is None and name == "seed"):
+                kind = SETTABLE[name]
+                fits = (isinstance(value, bool) if kind is boolean else
+                        isinstance(value, int) and not isinstance(value, bool) if kind is int else
+                        isinstance(value, (int, float)) and not isinstance(value, bool))
+                if not fits:
+                    raise UsageError(f"{path} is damaged: the setting {name} is {json.dumps(value)}, but it "
+                                     f"takes {KIND_WORDS[kind][0]}.", fix=f"Edit it in the file (e.g. "
+                                     f"\"{name}\": {KIND_WORDS[kind][1]}), or /save a fresh one.")
                 check_setting(name, value)
             params[name] = value
     return system, history, params

@@ -215,3 +215,38 @@ def test_text_appears_as_it_arrives_and_ctrl_c_works_against_a_server(
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_set_system_and_double_slash_do_what_help_says(tiny_internlm2_dir, state_dir, tmp_path):
+    chat = Chat(tiny_internlm2_dir, state_dir, tmp_path / "requests.jsonl", "--max-new-tokens", "4")
+    chat.prompt()
+    assert "greedy = True" in chat.say("/set greedy true")  # listed by /set, so settable
+    assert "greedy True" in chat.say("/set")
+    assert "takes true or false" in chat.say("/set greedy maybe")
+    assert "greedy = False" in chat.say("/set greedy off")
+    assert "Be terse." not in chat.say("/system")
+    assert "system prompt set" in chat.say("/system Be terse.")
+    assert "system prompt: Be terse." in chat.say("/system")
+    chat.say("//etc/hosts is a file")  # a message that starts with / is typed with //
+    assert chat.requests()[-1] == [{"role": "system", "content": "Be terse."},
+                                   {"role": "user", "content": "/etc/hosts is a file"}]
+    chat.child.sendeof()
+    assert chat.close() == 0
+
+
+@pytest.mark.parametrize("params, said", [({"temperature": "hot"}, 'temperature is "hot"'),
+                                          ([1], "'params' is not an object")])
+def test_loading_a_hand_edited_file_with_bad_settings_is_a_clear_message_and_the_chat_goes_on(
+        tiny_internlm2_dir, state_dir, tmp_path, params, said):
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps({"format": "internlm-kit-chat", "version": 1, "system": "x",
+                                  "messages": [], "params": params}), encoding="utf-8")
+    chat = Chat(tiny_internlm2_dir, state_dir, tmp_path / "requests.jsonl", "--greedy", "--max-new-tokens", "3")
+    chat.prompt()
+    chat.say("remember me")
+    shown = chat.say(f"/load {edited}")
+    assert said in shown and "Traceback" not in shown, shown
+    chat.say("still there?")  # the session survived with its conversation
+    assert [m["content"] for m in chat.requests()[-1] if m["role"] == "user"] == ["remember me", "still there?"]
+    chat.child.sendeof()
+    assert chat.close() == 0
