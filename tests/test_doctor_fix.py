@@ -140,3 +140,47 @@ def test_fix_installs_the_missing_packages_together_and_keeps_torch(missing_prot
     subprocess.run([str(python), "-c", "import google.protobuf, accelerate, einops, transformers.modeling_utils"],
                    check=True, timeout=300)
     assert kit("doctor", "--python", str(python), "--only", "packages.required", env=state).returncode == 0
+
+
+def write_wheel(folder: Path, name: str, version: str, requires: list[str], init: str) -> Path:
+    """A real wheel file (zip, METADATA, WHEEL, RECORD) of a one-module package."""
+    import base64
+    import hashlib
+    import zipfile
+
+    dist = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": init,
+        f"{dist}/METADATA": "Metadata-Version: 2.1\nName: {}\nVersion: {}\n{}".format(
+            name, version, "".join(f"Requires-Dist: {r}\n" for r in requires)),
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text.encode())}")
+    files[f"{dist}/RECORD"] = "\n".join(record + [f"{dist}/RECORD,,"]) + "\n"
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+    return wheel
+
+
+def test_a_fix_after_which_the_packages_still_do_not_import_is_undone(tmp_path, state):
+    """The only einops that satisfies the requirement installs but cannot be imported: the fix is applied,
+    proved wrong by importing, and the environment is put back exactly (pip freeze --all identical)."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    write_wheel(wheels, "needs_einops", "1.0", ["einops>=99"], "")
+    write_wheel(wheels, "einops", "99.0", [], "raise ImportError('this einops is broken')\n")
+    python = make_venv(tmp_path / "venv")
+    pip_install(python, "--no-deps", str(wheels / "needs_einops-1.0-py3-none-any.whl"))
+    before = freeze(python)
+    local = dict(state, PIP_FIND_LINKS=str(wheels), PIP_NO_INDEX="1")
+    done = kit("doctor", "--fix", "--yes", "--python", str(python), "--only", "packages.dependencies", env=local)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "+ einops 99.0" in done.stdout  # it was tried
+    assert "still fails (import einops)" in done.stdout and "put back exactly as it was" in done.stdout
+    assert freeze(python) == before
+    assert "Traceback" not in done.stdout + done.stderr
