@@ -6,6 +6,7 @@ Nothing heavy is imported here or in `setup_kit.commands.*` at module level:
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -62,3 +63,33 @@ def main() -> None:
     except KeyboardInterrupt:
         print("internlm-kit: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:  # the last catch: what slipped through every clear error is a bug
+        report_bug(exc)
+        sys.exit(70)  # EX_SOFTWARE
+
+
+def report_bug(exc: BaseException) -> None:
+    """One paragraph that says it is the kit's bug, with the traceback kept in a log file, not shown."""
+    import time
+    import traceback
+
+    from setup_kit.locations import state_dir
+
+    text = "".join(traceback.format_exception(exc))
+    where = None
+    try:
+        folder = state_dir() / "crashes"
+        folder.mkdir(parents=True, exist_ok=True)
+        where = folder / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        where.write_text(f"internlm-kit {__version__}\n$ {' '.join(sys.argv)}\n\n{text}", encoding="utf-8")
+    except OSError:
+        where = None
+    summary = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+    if where is None:  # the log could not be written: the traceback is all there is, so show it
+        print(text, file=sys.stderr, end="")
+        kept = "Its traceback is above."
+    else:
+        kept = f"Its traceback is in {where}."
+    print(f"internlm-kit: error: this is a bug in internlm-kit, not something you did ({summary}). {kept}\n"
+          f"  fix: report it with that traceback and the command you ran; other commands still work.",
+          file=sys.stderr)

@@ -241,3 +241,25 @@ def test_dtype_spellings_the_doctor_uses_work_and_threads_is_accepted(tiny_inter
                    state=state_dir)
     assert_one_paragraph_error(refused, "--dtype fp32")
     assert "Unknown dtype" not in refused.stderr
+
+
+@pytest.mark.parametrize("endpoint", ["http://localhost:abc/v1", "http://[::1/v1"])
+def test_an_endpoint_that_is_not_a_url_is_a_clear_error(state_dir, endpoint):
+    result = chat("--endpoint", endpoint, "--prompt", "hi", state=state_dir)
+    assert result.returncode == 2, result.stderr
+    assert_one_paragraph_error(result, "is not a valid URL", "--endpoint http://127.0.0.1:8000/v1")
+
+
+def test_what_slips_through_every_clear_error_is_reported_as_a_bug_with_its_traceback_in_a_log(tmp_path):
+    # A verb that fails in a way no error path foresaw, run through the kit's real main().
+    script = ("import sys\nfrom setup_kit import cli\n"
+              "@cli.app.command('explode')\ndef explode():\n    {}['missing']\n"
+              "sys.argv = ['internlm-kit', 'explode']\ncli.main()\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "INTERNLM_KIT_STATE_DIR": str(tmp_path)})
+    assert result.returncode == 70
+    assert "Traceback" not in result.stderr and "a bug in internlm-kit" in result.stderr
+    assert "KeyError: 'missing'" in result.stderr
+    [log] = (tmp_path / "crashes").glob("crash-*.log")
+    assert str(log) in result.stderr
+    assert "Traceback" in log.read_text() and "in explode" in log.read_text()

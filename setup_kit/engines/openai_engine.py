@@ -30,6 +30,13 @@ def normalize_endpoint(url: str) -> str:
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"--endpoint {url!r} is not an http(s) URL.",
                          fix="For example: --endpoint http://127.0.0.1:8000/v1")
+    import httpx
+
+    try:
+        httpx.URL(url)
+    except httpx.InvalidURL as exc:  # not an HTTPError: checked here, before any request
+        raise UsageError(f"--endpoint {url!r} is not a valid URL ({exc}).",
+                         fix="For example: --endpoint http://127.0.0.1:8000/v1 (host, then a numeric port)") from None
     for suffix in ("/chat/completions", "/models"):
         if url.endswith(suffix):
             url = url[: -len(suffix)]
