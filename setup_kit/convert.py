@@ -48,6 +48,7 @@ class ConvertResult:
     shards: int
     seconds: float
     dtype: str
+    weight_seconds: float = 0.0  # the weights alone (reading, splitting, writing): what MB/s is of
 
 
 # --- what a checkpoint must look like --------------------------------------------------------
@@ -427,13 +428,26 @@ def convert_checkpoint(src, dst, *, dtype: str = "auto", force: bool = False,
         (tmp / "config.json").write_text(json.dumps(llama_config(config, out_dtype), indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(
             generation_config(src, config, config["vocab_size"], chat_end), indent=2))
+        weights_started = time.perf_counter()
         count, written, shards = _write_weights(src, tmp, config, out_dtype, max_shard_bytes,
                                                 tensors, progress)
+        weight_seconds = time.perf_counter() - weights_started
+        _readable_like_the_rest(tmp)
         _swap_into_place(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ConvertResult(dst, count, written, shards, time.perf_counter() - started, out_dtype)
+    return ConvertResult(dst, count, written, shards, time.perf_counter() - started, out_dtype, weight_seconds)
+
+
+def _readable_like_the_rest(folder: Path) -> None:
+    """safetensors writes its files 0600; every file of the output gets the mode the umask gives
+    new files (0644 usually), as config.json does, so whoever may read the folder reads all of it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _check_disk_space(dst: Path, tensors: list[SourceTensor], dtype: str) -> None:

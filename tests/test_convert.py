@@ -374,3 +374,19 @@ def test_ctrl_c_during_convert_leaves_nothing_behind(tmp_path_factory, tiny_inte
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert list(tmp_path.iterdir()) == [], "neither DST nor the temporary folder may remain"
+
+
+def test_every_output_file_gets_the_same_mode_and_the_rate_is_of_the_weights(tiny_internlm2_dir, tmp_path):
+    import os
+    import re
+
+    run = cli("convert", str(tiny_internlm2_dir), str(tmp_path / "out"), "--dtype", "fp32")
+    assert run.returncode == 0, run.stderr
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir() if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes  # model.safetensors too, not 0600
+    shown = re.search(r"in 1 shard, .* (\d+\.\d) s \(weights (\d+\.\d) s, [\d,]+ MB/s; the rest is the tokenizer\)",
+                      run.stdout)
+    assert shown, run.stdout
+    assert float(shown[2]) <= float(shown[1])

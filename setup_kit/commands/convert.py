@@ -45,10 +45,11 @@ def command(
         print(f"\ninternlm-kit: convert interrupted; {dst} was left as it was.", file=sys.stderr)
         raise typer.Exit(130) from None
     print(file=sys.stderr)
-    rate = result.bytes_written / 1e6 / max(result.seconds, 1e-9)
-    typer.echo(f"Wrote {result.dst}: {result.tensors} tensors in {result.shards} shard(s), "
+    rate = result.bytes_written / 1e6 / max(result.weight_seconds, 1e-9)
+    shards = "1 shard" if result.shards == 1 else f"{result.shards} shards"
+    typer.echo(f"Wrote {result.dst}: {result.tensors} tensors in {shards}, "
                f"{result.bytes_written / 1e6:,.1f} MB {result.dtype}, {result.seconds:.1f} s "
-               f"({rate:,.0f} MB/s).")
+               f"(weights {result.weight_seconds:.1f} s, {rate:,.0f} MB/s; the rest is the tokenizer).")
     typer.echo(f"Load it with AutoModelForCausalLM.from_pretrained({str(result.dst)!r}) or "
                f"internlm-kit chat --model {result.dst}")
 
