@@ -180,3 +180,12 @@ def test_serve_flags_reach_the_running_server(tiny_internlm2_dir, tmp_path):
         stop_process(process)
     shown = log.read_text()
     assert 'model="house-model"' in shown and "INTERNLM_KIT_API_KEY" in shown and "s3cret" not in shown
+
+
+def test_a_hub_model_not_on_disk_is_fetched_by_make_serve_not_make_chat(tmp_path):
+    env = {**os.environ, "INTERNLM_KIT_STATE_DIR": str(tmp_path), "INTERNLM_KIT_MODELS": str(tmp_path / "models"),
+           "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run([KIT, "serve", "--model", "internlm/internlm2-chat-7b"], capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "make serve MODEL=internlm/internlm2-chat-7b" in done.stderr and "make chat" not in done.stderr

@@ -44,13 +44,14 @@ def resolve_model_dir(model: str | None) -> Path:
     return target
 
 
-def missing_model_error(model: str | None, path: Path) -> ModelFolderError:
+def missing_model_error(model: str | None, path: Path, verb: str = "chat") -> ModelFolderError:
+    """verb: the make target that fetches then runs it (`make chat`, `make serve`)."""
     repo = model if model and looks_like_repo(model) and not Path(model).exists() else None
     if repo or not model:
         repo = repo or DEFAULT_REPO
         return ModelFolderError(
             f"The model {repo} is not on this machine (looked in {path}).",
-            fix=f"Fetch it with `internlm-kit download {repo}` (or `make chat`, which does), "
+            fix=f"Fetch it with `internlm-kit download {repo}` (or `make {verb}{'' if repo == DEFAULT_REPO else f' MODEL={repo}'}`, which does), "
                 "or pass the folder you have with --model DIR.")
     return ModelFolderError(
         f"There is no model folder at {path}.",

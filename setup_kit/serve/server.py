@@ -116,7 +116,7 @@ def serve(options: ServeOptions) -> int:
         raise UsageError(f"Unknown engine {options.engine!r}.", "Use --engine native or remote-code.")
     model_dir = resolve_model_dir(options.model)
     if not model_dir.is_dir():
-        raise missing_model_error(options.model, model_dir)
+        raise missing_model_error(options.model, model_dir, verb="serve")
     name = options.model_name or _default_name(options.model, model_dir)
     _warn_if_exposed(options)
     if options.backend != "kit":
