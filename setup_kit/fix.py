@@ -104,7 +104,10 @@ def facts(options: FixOptions):
 
     python = probe.resolve_python(options.python)
     ctx = Context(python=python, env=probe.probe_environment(python))
-    ctx.engine = "remote-code" if options.engine == "remote-code" else None
+    from setup_kit.doctor import assumed_engine
+
+    chosen, _ = assumed_engine(python, ctx.env, options.engine)
+    ctx.engine = "remote-code" if chosen == "remote-code" else None  # as the doctor's checks read it
     ctx.profile, ctx.profile_reason, ctx.profile_explicit, ctx.fix_profile = choose_profile(
         ctx.env, options.profile, False)
     return ctx
@@ -113,16 +116,47 @@ def facts(options: FixOptions):
 def rehearsal_problem(options: FixOptions, python: str) -> str | None:
     """With --model: the engine's own path on a miniature twin of the folder (the rehearsal), the
     final proof that the fixed environment runs the model; None when it passes."""
-    if options.model is None:
+    if options.model is None or options.only:  # --only: the user narrowed what is checked and fixed
         return None
+    from setup_kit.checks import all_checks
+
+    if any("rehearsal" in c.needs for c in all_checks()):
+        return None  # the doctor's own rehearsal checks ran it, in the doctor run just made
+    from setup_kit import probe
+    from setup_kit.doctor import assumed_engine
     from setup_kit.probe.rehearsal import rehearse
 
-    outcome = rehearse(python, options.model, options.engine, dtype=options.dtype)
+    engine = options.engine or assumed_engine(python, probe.probe_environment(python), None)[0]
+    outcome = rehearse(python, options.model, engine, dtype=options.dtype)
     if outcome.passed:
         return None
     where = f" at {outcome.where}" if outcome.where else ""
-    return (f"the {options.engine} rehearsal fails at {outcome.stage or 'its start'}: "
+    return (f"the {engine} rehearsal fails at {outcome.stage or 'its start'}: "
             f"{outcome.exception_type or 'error'}: {outcome.message}{where}")
+
+
+def pip_requirements(fix_text: str | None) -> dict:
+    """A check without a fixer of its own (a known-issue rule, the rehearsal) whose fix is plain
+    `pip install REQ...` commands: those requirements join the one resolution. A command with options
+    (another index, --force-reinstall) stays a step by hand."""
+    import re
+    import shlex
+
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    requirements = []
+    for match in re.finditer(r"-m pip install ([^&()\n]+)", fix_text or ""):
+        try:
+            words = shlex.split(match.group(1))
+        except ValueError:
+            return {}
+        if not words or any(w.startswith("-") for w in words):
+            return {}
+        try:
+            requirements += [str(Requirement(w)) for w in words]
+        except InvalidRequirement:
+            return {}
+    return {"requirements": requirements} if requirements else {}
 
 
 def make_plan(report, ctx, broken: dict[str, str]) -> FixPlan:
@@ -131,7 +165,7 @@ def make_plan(report, ctx, broken: dict[str, str]) -> FixPlan:
 
     plan = FixPlan()
     for result in failing(report):
-        repair = FIXERS[result.id](ctx, result) if result.id in FIXERS else {}
+        repair = FIXERS[result.id](ctx, result) if result.id in FIXERS else pip_requirements(result.fix)
         for requirement in repair.get("requirements", []):
             plan.requirements.setdefault(requirement, result.id)
         if "download" in repair:

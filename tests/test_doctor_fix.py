@@ -184,3 +184,21 @@ def test_a_fix_after_which_the_packages_still_do_not_import_is_undone(tmp_path, 
     assert "still fails (import einops)" in done.stdout and "put back exactly as it was" in done.stdout
     assert freeze(python) == before
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_a_truncated_shard_is_repaired_through_download_with_the_folders_own_repo(hub, hub_repo, tmp_path, state):
+    env = dict(state, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"), INTERNLM_KIT_MODELS=str(tmp_path / "m"),
+               INTERNLM_KIT_SHARE_ROOTS="", HF_HUB_DISABLE_TELEMETRY="1")
+    env.pop("HF_HUB_OFFLINE", None)
+    folder = tmp_path / "weights"  # a name that says nothing: the repo comes from the download record
+    got = kit("download", hub_repo.repo_id if hasattr(hub_repo, "repo_id") else "internlm/internlm2-chat-1_8b",
+              "--source", "hf", "--local-dir", str(folder), env=env)
+    assert got.returncode == 0, got.stdout + got.stderr
+    shard = folder / "model-00001-of-00002.safetensors"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])
+    done = kit("doctor", "--fix", "--yes", "--model", str(folder), "--only", "model.weights", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"internlm-kit download internlm/internlm2-chat-1_8b --local-dir {folder}" in done.stdout
+    assert shard.read_bytes() == whole
+    assert kit("doctor", "--model", str(folder), "--only", "model.weights", env=env).returncode == 0

@@ -60,3 +60,13 @@ def test_no_fix_in_the_kit_carries_a_placeholder():
                  if "OWNER/NAME" in p.read_text(encoding="utf-8") and "download" not in p.parts
                  and p.name != "download.py"]
     assert offenders == []
+
+
+def test_a_rules_plain_pip_fix_joins_the_resolution_and_one_with_options_stays_a_step_by_hand():
+    from setup_kit.fix import pip_requirements
+
+    assert pip_requirements('/env/bin/python -m pip install "transformers==4.38.2" "accelerate<0.25"') == {
+        "requirements": ["transformers==4.38.2", "accelerate<0.25"]}
+    assert pip_requirements('/env/bin/python -m pip install "torch==2.13.0" --force-reinstall '
+                            '--index-url https://download.pytorch.org/whl/cu128') == {}
+    assert pip_requirements("Set HF_HUB_OFFLINE=0 in your shell") == {}
