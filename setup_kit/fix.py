@@ -96,6 +96,15 @@ def run_imports(python: str, modules, overlay: str | None = None) -> dict[str, s
         return {"(import check)": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output"}
 
 
+def engine_for(python: str, env, engine: str | None) -> str:
+    """The engine the doctor assumes for this target (its own rule, where the doctor has one)."""
+    try:
+        from setup_kit.doctor import assumed_engine
+    except ImportError:
+        return engine or "native"
+    return assumed_engine(python, env, engine)[0]
+
+
 def facts(options: FixOptions):
     """The target's packages, as the doctor's package checks read them."""
     from setup_kit import probe
@@ -104,9 +113,7 @@ def facts(options: FixOptions):
 
     python = probe.resolve_python(options.python)
     ctx = Context(python=python, env=probe.probe_environment(python))
-    from setup_kit.doctor import assumed_engine
-
-    chosen, _ = assumed_engine(python, ctx.env, options.engine)
+    chosen = engine_for(python, ctx.env, options.engine)
     ctx.engine = "remote-code" if chosen == "remote-code" else None  # as the doctor's checks read it
     ctx.profile, ctx.profile_reason, ctx.profile_explicit, ctx.fix_profile = choose_profile(
         ctx.env, options.profile, False)
@@ -123,10 +130,9 @@ def rehearsal_problem(options: FixOptions, python: str) -> str | None:
     if any("rehearsal" in c.needs for c in all_checks()):
         return None  # the doctor's own rehearsal checks ran it, in the doctor run just made
     from setup_kit import probe
-    from setup_kit.doctor import assumed_engine
     from setup_kit.probe.rehearsal import rehearse
 
-    engine = options.engine or assumed_engine(python, probe.probe_environment(python), None)[0]
+    engine = engine_for(python, probe.probe_environment(python), options.engine)
     outcome = rehearse(python, options.model, engine, dtype=options.dtype)
     if outcome.passed:
         return None
