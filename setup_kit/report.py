@@ -101,7 +101,9 @@ def render(report: Report, console, verbose: bool = False) -> None:
             symbol, colour = SYMBOLS[result.status]
             if result.status == "skip" and not verbose:
                 continue
-            label = f"[dim]{result.id}[/] " if verbose else ""
+            # -v: the check's id in its own column, so it does not read as the summary's first word.
+            width = max(len(r.id) for r in results)
+            label = f"[dim]{result.id:<{width}}[/]  " if verbose else ""
             console.print(f"    [{colour}]{symbol}[/] {label}{escape(result.summary)}", highlight=False)
             if result.fix and result.status in ("fail", "warn", "error"):
                 for n, line in enumerate(result.fix.splitlines()):

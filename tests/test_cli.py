@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -64,3 +65,14 @@ def test_every_option_shows_a_readable_placeholder(verb):
     assert lines
     for line in lines:
         assert "<" not in line.strip().split("  ")[0], line
+
+
+def test_doctor_verbose_shows_each_id_in_its_own_column():
+    done = subprocess.run([sys.executable, "-m", "setup_kit", "doctor", "-v", "--only",
+                           "python.version,packages.required"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"})
+    lines = [line for line in done.stdout.splitlines() if "python.version" in line or "packages.required" in line]
+    assert len(lines) == 2, done.stdout
+    # Padded to the longest id of the group, then two spaces: the summaries start in one column.
+    assert any("✓ python.version     Python 3." in line for line in lines), lines
+    assert any("packages.required  " in line and "packages.required   " not in line for line in lines), lines
