@@ -210,3 +210,17 @@ def test_install_steps_show_how_far_a_download_is(tmp_path):
     assert "setuptools" in progress[-1]
     # The log and the step's output keep pip's words, not thousands of progress lines.
     assert "Progress " not in (tmp_path / "install.log").read_text() and "Progress " not in result.output
+
+
+def test_list_profiles_fits_an_80_column_terminal_without_wrapped_cells(tmp_path):
+    from setup_kit.profiles import load_profile
+
+    result = subprocess.run([sys.executable, "-m", "setup_kit", "install", "--list-profiles"], capture_output=True,
+                            text=True, timeout=60, env=dict(os.environ, COLUMNS="80", INTERNLM_KIT_STATE_DIR=str(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for name in ("cpu", "current", "tutorial"):
+        profile = load_profile(name)
+        [row] = [line for line in lines if line.split()[:1] == [name]]
+        assert profile.pin("torch").version in row and len(row.rstrip()) <= 80  # one line per profile
+        assert f"  {name}: {profile.summary}" in lines  # the description whole, on its own line

@@ -100,12 +100,15 @@ def _print_profiles(as_json: bool, verbose: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("profile", "Python", "CUDA", "torch", "transformers", "what it is", box=None)
+    # The short facts in columns; each description on its own line below (in a sixth column a
+    # narrow terminal wrapped it into 4-line cells).
+    table = Table("profile", "Python", "CUDA", "torch", "transformers", box=None)
     for row in rows:
-        table.add_row(row["name"], row["python"], row["cuda"], row["torch"] or "-", row["transformers"] or "-",
-                      row["summary"])
+        table.add_row(row["name"], row["python"], row["cuda"], row["torch"] or "-", row["transformers"] or "-")
     console = Console(highlight=False)
     console.print(table)
+    for row in rows:
+        console.print(f"  {row['name']}: {row['summary']}", soft_wrap=True, markup=False)
     if not verbose:
         console.print("(-v: every pin and why it is there)")
         return
