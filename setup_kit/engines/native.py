@@ -12,7 +12,6 @@ token, sampling on the device, one host sync to read the token, incremental deto
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from setup_kit.decoding import IncrementalDecoder
+from setup_kit.engines import compat
 from setup_kit.engines.base import GenerationParams, GenerationStats, Message
 from setup_kit.errors import KitError, ModelFolderError, UsageError
 from setup_kit.stop_strings import StopStrings
@@ -105,6 +105,7 @@ def load_model_and_tokenizer(model_dir, device: str = "auto", dtype: str = "auto
     else:
         model = _load_llama(folder.path, device, dtype)
         layout = "llama"
+    compat.fit_to_tokens(model, folder.config.get("max_position_embeddings", model.config.max_position_embeddings))
     model.eval()
     _quiet_known_noise()
     _check_vocab(tokenizer, model, folder.path)
@@ -162,7 +163,8 @@ def _load_internlm2(path: Path, config: dict, device: str, dtype: str):
     check_internlm2_config(config, path)
     check_tensors(path, config, list_source_tensors(path))
     llama = LlamaConfig(**llama_config(config, DTYPE_NAMES[dtype]))
-    with init_empty_weights():  # parameters on the meta device; buffers (RoPE) real, on the CPU
+    # Parameters on the meta device; buffers (RoPE, 4.38's mask) real, on the CPU.
+    with init_empty_weights(), compat.small_mask_buffer(llama):
         model = LlamaForCausalLM(llama)
     torch_dtype = torch_dtype_for(dtype)
     for name, tensor in iter_llama_tensors(path, config, torch_dtype):
@@ -174,14 +176,13 @@ def _load_internlm2(path: Path, config: dict, device: str, dtype: str):
 
 
 def _load_llama(path: Path, device: str, dtype: str):
-    import transformers
-    from packaging.version import Version
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    # The keyword was renamed in transformers 4.56.
-    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **{key: torch_dtype_for(dtype)})
+        config = AutoConfig.from_pretrained(str(path))
+        with compat.small_mask_buffer(config):
+            model = AutoModelForCausalLM.from_pretrained(str(path), config=config,
+                                                         **compat.dtype_kwarg(torch_dtype_for(dtype)))
     except (OSError, ValueError) as exc:
         raise ModelFolderError(f"transformers could not load {path}: {exc}",
                                f"internlm-kit doctor --model {path}") from exc
@@ -269,10 +270,6 @@ class NativeEngine:
         self.compiled = False
         self._stats = GenerationStats()
         self._lock = threading.Lock()
-        params = inspect.signature(model.forward).parameters
-        # transformers 5.x calls the KV cache argument `cache`; 4.x `past_key_values`.
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
         if compile:
             self._enable_compile()
 
@@ -385,14 +382,17 @@ class NativeEngine:
             position = position[-1:] + 1
 
     def _forward(self, inputs, cache, position):
-        kwargs = {self._cache_kw: cache, "use_cache": True, "cache_position": position}
-        if self._keep_kw:
-            kwargs[self._keep_kw] = 1
+        if not self.compiled:
+            return compat.forward(self.model, inputs, cache, position_ids=position[None])
+        call = compat.call_for(self.model)
+        kwargs = {call.cache_kw: cache, "use_cache": True, "cache_position": position}
+        if call.keep_kw:
+            kwargs[call.keep_kw] = 1
         # Only the one-token decode step is compiled: prompts vary in length, and a compiled
         # graph is specialised to its shapes.
         step = self._step if inputs.shape[1] == 1 else self.model
         out = step(input_ids=inputs, **kwargs)
-        new_cache = getattr(out, "cache", None) if self._cache_kw == "cache" else out.past_key_values
+        new_cache = getattr(out, "cache", None) if call.cache_kw == "cache" else out.past_key_values
         return out.logits[:, -1, :], new_cache
 
     def _step(self, **kwargs):
@@ -401,13 +401,11 @@ class NativeEngine:
     def _new_cache(self, length: int):
         if not self.compiled:
             return None  # the model makes a dynamic cache on the first call
-        from transformers import StaticCache
-
         # One static cache, reused while it is long enough: its shape is part of the compiled
         # graph, so sizes grow in powers of two (each new size compiles once).
         size = min(self.context_window, max(256, 1 << (length - 1).bit_length()))
         if self._static is None or self._static_len < length:
-            self._static = StaticCache(config=self.model.config, max_cache_len=size)
+            self._static = compat.static_cache(self.model, size)
             self._static_len = size
         else:
             self._static.reset()

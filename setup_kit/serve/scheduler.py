@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from setup_kit.decoding import IncrementalDecoder
+from setup_kit.engines import compat
 from setup_kit.stop_strings import StopStrings
 
 log = logging.getLogger("internlm_kit.serve")
@@ -196,13 +197,6 @@ def _resize(buf, capacity: int, torch):
     return out
 
 
-def _make_cache(layers):
-    """A transformers Cache whose layers are ours (the model only calls update/get_seq_length)."""
-    from transformers.cache_utils import Cache
-
-    cache = Cache.__new__(Cache)
-    Cache.__init__(cache, layers=layers)
-    return cache
 
 
 class BatchScheduler:
@@ -385,7 +379,6 @@ class BatchScheduler:
         per prompt is what keeps the time to first token low when many clients arrive at once.
         """
         import torch
-        from transformers.cache_utils import DynamicCache
 
         device = self.model.device
         slots = [_Slot(r, self.tokenizer, self.eos_ids, device) for r in requests]
@@ -395,18 +388,17 @@ class BatchScheduler:
         for i, r in enumerate(requests):
             ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, device=device)
             real[i, width - len(r.prompt_ids):] = True
-        cache = DynamicCache(config=self.model.config)
+        cache = compat.new_cache(self.model)
         if len(requests) == 1:
-            out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+            logits, cache = compat.forward(self.model, ids, cache)
         else:
             positions = (real.long().cumsum(-1) - 1).clamp(min=0)
             causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
             attention = (causal[None, None] & real[:, None, None, :]) | torch.eye(
                 width, dtype=torch.bool, device=device)
-            out = self.model(input_ids=ids, position_ids=positions, attention_mask=attention, cache=cache,
-                             use_cache=True, logits_to_keep=1)
-        tokens = self._sample(out.logits[:, -1, :], slots)
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
+            logits, cache = compat.forward(self.model, ids, cache, position_ids=positions, attention_mask=attention)
+        tokens = self._sample(logits, slots)
+        kv = compat.layer_tensors(cache)
         with self._lock:
             self._merge(slots, kv, real, [0 if t is None else t[0] for t in tokens])
         for slot, token in zip(slots, tokens):
@@ -450,9 +442,9 @@ class BatchScheduler:
         positions = torch.tensor([s.position - 1 for s in slots], device=device).unsqueeze(1)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(slots), 1)], dim=1)
         attention = self._mask[:, None, None, :]
-        out = self.model(input_ids=ids, position_ids=positions, attention_mask=attention,
-                         cache=_make_cache(self._layers), use_cache=True, logits_to_keep=1)
-        tokens = self._sample(out.logits[:, -1, :], slots)
+        logits, _ = compat.forward(self.model, ids, compat.cache_of_layers(self._layers),
+                                   position_ids=positions, attention_mask=attention)
+        tokens = self._sample(logits, slots)
         for i, (slot, token) in enumerate(zip(slots, tokens)):
             if slot.done:  # failed alone in sampling
                 continue
