@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from setup_kit.errors import ModelFolderError
+from setup_kit.repo_paths import unsafe_reason
 
 SUPPORTED_MODEL_TYPES = ("internlm2", "llama")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
@@ -315,6 +316,15 @@ def _read_weights(folder: ModelFolder) -> None:
             _redownload(folder, "the weights")))
         return
     for name in names:
+        # The index is the repo's word, not the kit's. Links are not followed here: a huggingface cache
+        # snapshot links every file to a blob outside its folder, and that is the user's own layout.
+        if reason := unsafe_reason(name):
+            folder.weight_files.append(WeightFile(str(name), -1, problem="outside the folder"))
+            folder.problems.append(Problem(
+                "index-unsafe-path", f"model.safetensors.index.json names the shard {name!r}, which {reason}; "
+                "it was not read. An index like that comes from a broken or hostile repo.",
+                "Take the model from a source you trust: " + download_command(folder)))
+            continue
         path = folder.path / name
         if not path.is_file():
             folder.weight_files.append(WeightFile(name, -1, problem="missing"))

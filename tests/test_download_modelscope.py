@@ -136,7 +136,7 @@ def test_bytes_that_do_not_match_the_listed_sha256_are_refused(modelscope_venv, 
 
     proc = kit(modelscope_venv, ["--source", "modelscope", "--local-dir", str(dest)], ms_env(modelscope_hub.url, tmp_path))
 
-    assert_clear_failure(proc, f"ModelScope could not provide 1 file(s) of {MODELSCOPE_ID}", SHARD2,
+    assert_clear_failure(proc, f"ModelScope could not provide 1 file of {MODELSCOPE_ID}", SHARD2,
                          "Hash mismatch", "do not match the sha256/size it lists")
     assert "check the connection" not in proc.stderr
     assert not (dest / SHARD2).exists()

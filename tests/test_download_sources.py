@@ -145,11 +145,25 @@ def snapshot_download(model_id, revision=None, local_dir=None, allow_patterns=No
     return local_dir
 '''
 
+FAKE_MODELSCOPE_API = '''
+"""Stand-in for modelscope.hub.api: lists the folder snapshot_download copies."""
+import os
+
+
+class HubApi:
+    def get_model_files(self, model_id, revision="master", recursive=True):
+        root = os.environ["FAKE_MODELSCOPE_SOURCE"]
+        return [{"Path": name, "Type": "blob"} for name in sorted(os.listdir(root))]
+'''
+
 
 def test_auto_uses_modelscope_when_the_hub_is_down_and_checks_what_it_got(hub_model_folder, hub_repo, tmp_path):
     package = tmp_path / "site" / "modelscope"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text(FAKE_MODELSCOPE)
+    (package / "hub").mkdir()
+    (package / "hub" / "__init__.py").write_text("")
+    (package / "hub" / "api.py").write_text(FAKE_MODELSCOPE_API)
     calls = tmp_path / "calls.jsonl"
     dest = tmp_path / "m"
     env = kit_env(NO_HUB, tmp_path, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]),

@@ -51,10 +51,11 @@ def command(
     if dry_run:
         out = Console()
         for f in result.files:
-            out.print(f"  {f['action']:>8}  {f['size']:>14,}  {f['path']}", highlight=False)
+            out.print(f"  {f['action']:>8}  {f['size']:>14,}  {f['path']}", highlight=False, markup=False)
         out.print(f"  total {result.bytes:,} bytes; destination {result.path}", highlight=False)
         return
     state = "verified" if result.verified else "NOT verified"
-    err.print(f"[green]done[/]: {len(result.files)} files, {result.bytes:,} bytes, {state} "
+    files = f"{len(result.files)} file{'' if len(result.files) == 1 else 's'}"
+    err.print(f"[green]done[/]: {files}, {result.bytes:,} bytes, {state} "
               f"({result.verification}); {result.transferred:,} bytes transferred this run.", highlight=False)
     sys.stdout.write(result.path + "\n")

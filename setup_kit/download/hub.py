@@ -17,6 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from setup_kit import __version__
 from setup_kit.download.integrity import (
@@ -41,6 +42,34 @@ MIRROR_HINT = "https://hf-mirror.com"
 
 class HubUnreachable(KitError):
     """The hub (or the mirror) did not answer usefully: down, refused, timed out, offline, 5xx."""
+
+
+def endpoint_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a hub endpoint (None when it can). huggingface_hub does not check: a
+    malformed HF_ENDPOINT stops it at import, a malformed --endpoint deep inside the HTTP client."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in ("http", "https"):
+        return "it does not start with http:// or https://"
+    if not parts.hostname:
+        return "it names no host"
+    return None
+
+
+def check_endpoints(endpoint: str | None) -> None:
+    """Refuse a malformed --endpoint or HF_ENDPOINT before huggingface_hub is imported."""
+    from setup_kit.errors import UsageError
+
+    example = f"with its scheme, e.g. {MIRROR_HINT} or https://huggingface.co"
+    env = os.environ.get("HF_ENDPOINT")
+    for given, name, fix in ((endpoint, f"--endpoint {endpoint!r}", f"give the hub's or the mirror's address {example}."),
+                             (env, f"HF_ENDPOINT={env!r}", f"set HF_ENDPOINT to the hub's or the mirror's address "
+                                                            f"{example}, or unset it.")):
+        if given is not None and (problem := endpoint_problem(given)):
+            raise UsageError(f"{name} is not a URL the hub client can use: {problem}.", fix)
 
 
 def resolve_endpoint(endpoint: str | None) -> str:
@@ -183,7 +212,7 @@ def fetch_file(manifest: Manifest, rf: RemoteFile, local_dir: Path, endpoint: st
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(part, final)
                 record.mark(final, rf)
-                _tell_huggingface_hub(local_dir, rf, manifest)
+                tell_huggingface_hub(local_dir, rf, manifest)
                 return Fetched(rf.path, transferred, first_offset, refetched)
             raw.truncate(0)  # wrong bytes: never keep them, never resume from them
             if on_bytes:
@@ -254,7 +283,7 @@ def network_sized_chunks():
         constants.DOWNLOAD_CHUNK_SIZE = saved
 
 
-def _tell_huggingface_hub(local_dir: Path, rf: RemoteFile, manifest: Manifest) -> None:
+def tell_huggingface_hub(local_dir: Path, rf: RemoteFile, manifest: Manifest) -> None:
     """Write huggingface_hub's own per-file metadata, so a later ``hf download`` into this folder
     recognises the file instead of hashing or fetching it again."""
     if not (manifest.commit and rf.expected_digest):
@@ -275,6 +304,8 @@ def _network_errors() -> tuple[type[BaseException], ...]:
         with contextlib.suppress(ImportError):
             mod = __import__(module)
             classes.append(mod.RequestError if hasattr(mod, "RequestError") else mod.RequestException)
+            if hasattr(mod, "InvalidURL"):  # httpx's is no RequestError
+                classes.append(mod.InvalidURL)
     return tuple(classes)
 
 
@@ -303,13 +334,14 @@ def hub_errors(repo: str, revision: str, endpoint: str, file: str | None = None)
         raise KitError(f"{endpoint} says there is no repository {repo} (404).",
                        f"check the name (the default is internlm/internlm2-chat-1_8b); {alternatives}.") from None
     except entry_missing:
-        raise KitError(f"{endpoint} lists {what} but answers 404 when asked for it.",
-                       alternatives + ".") from None
+        raise listing_mismatch(endpoint, what) from None
     except offline:
         raise HubUnreachable("HF_HUB_OFFLINE is set, so the hub cannot be asked for the files.",
                              "unset HF_HUB_OFFLINE, or use --source local --from DIR.") from None
     except hf.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
+        if status == 404 and file:
+            raise listing_mismatch(endpoint, what) from None
         if status in (401, 403):
             # Reachable, but it refuses: a private or gated repo, a wrong token, or a proxy's block page.
             raise HubUnreachable(
@@ -330,6 +362,15 @@ def hub_errors(repo: str, revision: str, endpoint: str, file: str | None = None)
                            "it resumes where it stopped.") from None
         raise KitError(f"downloading {what} from {endpoint} failed: {_first_line(exc)}.",
                        f"run it again to resume; if it keeps failing, {alternatives}.") from None
+
+
+def listing_mismatch(endpoint: str, what: str) -> KitError:
+    """A file the listing names is not there: no mirror or retry mends a repo that contradicts itself."""
+    return KitError(
+        f"{endpoint} lists {what} but answers 404 when asked for it: the repo's listing does not match its "
+        "own files, so the repo (or the mirror serving it) is broken or hostile.",
+        "do not use this repo or mirror as it stands; take the model from a source you trust (the official "
+        "https://huggingface.co, --source modelscope, or --from DIR with a copy you made), and tell its owner.")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -16,6 +16,7 @@ import struct
 from pathlib import Path
 
 from setup_kit.download.manifest import RemoteFile, Selection
+from setup_kit.repo_paths import unsafe_reason
 
 SHARE_ROOTS = ("/root/share", "/share")
 SKIP_DIRS = {".git", ".cache", "__pycache__"}
@@ -94,7 +95,10 @@ def structure_problems(folder: Path) -> list[str]:
         except (ValueError, KeyError) as exc:
             problems.append(f"model.safetensors.index.json is unreadable ({exc})")
             shards = []
-        problems += [f"{s} is missing (named by the index)" for s in shards if not (folder / s).is_file()]
+        unsafe = {s: reason for s in shards if (reason := unsafe_reason(s))}  # links: a share's own layout
+        problems += [f"the index names the shard {s!r}, which {reason}" for s, reason in unsafe.items()]
+        problems += [f"{s} is missing (named by the index)" for s in shards
+                     if s not in unsafe and not (folder / s).is_file()]
     for path in sorted(folder.glob("*.safetensors")):
         problem = safetensors_problem(path)
         if problem:

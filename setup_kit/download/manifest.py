@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from setup_kit.errors import KitError, UsageError
+from setup_kit.repo_paths import unsafe_names
 
 # Room kept free beyond the files themselves (filesystems misbehave when completely full).
 SPACE_MARGIN = 64 * 1024 * 1024
@@ -71,9 +72,27 @@ class Manifest:
             return self
         kept = [f for f in self.files if selection.keeps(f.path)]
         if not kept:
-            raise nothing_selected(selection, f"the {len(self.files)} files in {self.repo}",
+            raise nothing_selected(selection, f"the {plural(len(self.files), 'file')} in {self.repo}",
                                    [f.path for f in self.files])
         return Manifest(self.repo, self.revision, self.commit, kept)
+
+    def refuse_unsafe_paths(self, folder: Path, where: str, what: str = "repo or mirror", fix: str | None = None) -> None:
+        """Refuse the whole listing when any name would land outside ``folder`` (see repo_paths)."""
+        refuse_unsafe_listing([f.path for f in self.files], folder, where, what, fix)
+
+
+def refuse_unsafe_listing(names: list[str], folder: Path, where: str, what: str, fix: str | None = None) -> None:
+    """One paragraph naming the first unsafe name, before anything is written."""
+    bad = unsafe_names(names, folder)
+    if not bad:
+        return
+    name, reason = bad[0]
+    more = f" ({plural(len(bad) - 1, 'more name')} like it)" if len(bad) > 1 else ""
+    raise KitError(
+        f"{where} lists a file named {name!r}, which {reason}{more}. A listing like that comes from a broken "
+        f"or hostile {what}, so all of it was refused: nothing was downloaded and {folder} was left as it was.",
+        fix or f"do not use this {what}; take the model from a source you trust (the official "
+        "https://huggingface.co, --source modelscope, or --from DIR with a copy you made), and tell its owner.")
 
 
 def nothing_selected(selection: Selection, where: str, names: list[str]) -> KitError:
@@ -91,8 +110,9 @@ def nothing_selected(selection: Selection, where: str, names: list[str]) -> KitE
 class FileState:
     """Where one file stands before fetching."""
     file: RemoteFile
-    status: str           # from a hub: verified | check | resume | fetch; from a local copy: present | link | copy
+    status: str           # from a hub: verified | check | resume | fetch | link; from a local copy: present | link | copy
     have: int = 0         # bytes already on disk for it (a partial, or a complete-looking file)
+    of: str = ""          # link from a hub: the file in the repo with the same content, fetched once for both
 
     @property
     def to_fetch(self) -> int:
@@ -137,6 +157,11 @@ def check_free_space(plan: Plan) -> None:
             f"(plus {human_bytes(SPACE_MARGIN)} kept free), only {human_bytes(free)} available. Nothing was downloaded.",
             "free some space there, or choose a folder on a bigger disk with --local-dir DIR "
             "(or set INTERNLM_KIT_MODELS).")
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 file', '2 files'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def human_bytes(n: float) -> str:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import glob
 import inspect
 import os
 import threading
 from pathlib import Path
 
-from setup_kit.download.manifest import Selection
+from setup_kit.download.manifest import plural
 from setup_kit.errors import KitError
 
 # Hub repo -> ModelScope model id, where the names differ.
@@ -38,27 +39,41 @@ def not_installed_error(context: str = "") -> KitError:
         "or --from DIR if the files are already on this machine.")
 
 
-def fetch_from_modelscope(repo: str, revision: str | None, local_dir: Path, selection: Selection,
-                          token: str | None = None) -> tuple[str, int | None]:
-    """Download with ModelScope into ``local_dir``; returns the ModelScope model id used and the bytes
-    ModelScope received this run (None where this modelscope cannot report them). ``token`` is
-    ModelScope's access token; without one, modelscope uses its own login."""
+def list_modelscope_files(repo: str, revision: str | None, token: str | None = None) -> tuple[str, list[str]]:
+    """The ModelScope model id for ``repo`` and the paths its listing names, asked through the
+    package's own API before anything is written, so the kit can refuse names that leave the folder
+    (modelscope joins them to local_dir as they come)."""
     if not modelscope_available():
         raise not_installed_error()
-    from modelscope import snapshot_download  # type: ignore[import-not-found]
+    from modelscope.hub.api import HubApi  # type: ignore[import-not-found]
 
     model_id = modelscope_name(repo)
+    api = HubApi(token=token) if token and "token" in inspect.signature(HubApi).parameters else HubApi()
+    try:
+        entries = api.get_model_files(model_id, revision=_revision(revision) or "master", recursive=True)
+    except Exception as exc:  # modelscope raises many kinds; each means "this source failed"
+        raise _failure(model_id, exc) from None
+    return model_id, [e.get("Path") or e.get("Name") for e in entries if (e.get("Type") or "blob") != "tree"]
+
+
+def fetch_from_modelscope(model_id: str, revision: str | None, local_dir: Path, paths: list[str],
+                          token: str | None = None) -> int | None:
+    """Download exactly ``paths`` (checked names from :func:`list_modelscope_files`) with ModelScope
+    into ``local_dir``; returns the bytes ModelScope received this run (None where this modelscope
+    cannot report them). ``token`` is ModelScope's access token; without one, modelscope uses its
+    own login. The names are given as literal patterns, so a second listing that names something
+    else (a server that changed its mind) fetches nothing more."""
+    from modelscope import snapshot_download  # type: ignore[import-not-found]
+
     accepted = inspect.signature(snapshot_download).parameters
     if "local_dir" not in accepted:  # 1.9 and older only fill their own cache
         raise KitError(f"this modelscope ({_version()}) cannot download into a chosen folder (no local_dir).",
                        "pip install -U modelscope   (then run this again), or use --source hf.")
     kwargs = {"local_dir": str(local_dir)}
-    if revision and revision != "main":
+    if _revision(revision):
         kwargs["revision"] = revision
-    if selection.include:  # fnmatch globs in both; 1.15 knows only the older names
-        kwargs["allow_patterns" if "allow_patterns" in accepted else "allow_file_pattern"] = list(selection.include)
-    if selection.exclude:
-        kwargs["ignore_patterns" if "ignore_patterns" in accepted else "ignore_file_pattern"] = list(selection.exclude)
+    # fnmatch globs in both; 1.15 knows only the older name
+    kwargs["allow_patterns" if "allow_patterns" in accepted else "allow_file_pattern"] = [glob.escape(p) for p in paths]
     if token:
         if "token" not in accepted:
             raise KitError(f"this modelscope ({_version()}) does not take an access token (no token argument).",
@@ -72,7 +87,12 @@ def fetch_from_modelscope(repo: str, revision: str | None, local_dir: Path, sele
         snapshot_download(model_id, **kwargs)
     except Exception as exc:  # modelscope raises many kinds; each means "this source failed"
         raise _failure(model_id, exc) from None
-    return model_id, None if received is None else received[0]
+    return None if received is None else received[0]
+
+
+def _revision(revision: str | None) -> str | None:
+    """The hub's default branch is 'main', ModelScope's 'master': 'main' means its default."""
+    return revision if revision and revision != "main" else None
 
 
 def _counting_callback(received: list[int]) -> type:
@@ -101,7 +121,7 @@ def _failure(model_id: str, exc: Exception) -> KitError:
     failed = getattr(exc, "failed_files", None) or {}
     if failed:
         details = "; ".join(f"{path}: {_first_line(err)}" for path, err in list(failed.items())[:4])
-        message = f"ModelScope could not provide {len(failed)} file(s) of {model_id}: {details}"
+        message = f"ModelScope could not provide {plural(len(failed), 'file')} of {model_id}: {details}"
     else:
         message = f"ModelScope could not provide {model_id}: {type(exc).__name__}: {_first_line(exc)}"
     if any(cls.__name__ == "FileIntegrityError" for err in [exc, *failed.values()] for cls in type(err).__mro__):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -44,7 +45,7 @@ class DownloadProgress:
 
     def file(self, name: str, size: int, done: int = 0):
         """A callback for one file's bytes (negative to roll back refetched bytes)."""
-        task = self._progress.add_task(f"  {name}", total=size, completed=done, visible=self.enabled)
+        task = self._progress.add_task(f"  {escape(name)}", total=size, completed=done, visible=self.enabled)
 
         def advance(n: int) -> None:
             self._progress.advance(task, n)

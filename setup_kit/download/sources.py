@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from setup_kit import DEFAULT_REPO
 from setup_kit.download import hub, local, modelscope
@@ -24,6 +25,8 @@ from setup_kit.download.manifest import (
     check_free_space,
     human_bytes,
     nothing_selected,
+    plural,
+    refuse_unsafe_listing,
 )
 from setup_kit.download.progress import DownloadProgress
 from setup_kit.errors import KitError, UsageError
@@ -81,6 +84,8 @@ def validate(req: DownloadRequest) -> DownloadRequest:
     if req.source not in SOURCES:
         raise UsageError(f"--source {req.source!r} is not one of {', '.join(SOURCES)}.",
                          "use --source auto (the default), hf, modelscope or local.")
+    if req.source in ("auto", "hf"):
+        hub.check_endpoints(req.endpoint)
     if req.from_dir is not None:
         if req.source in ("hf", "modelscope"):
             raise UsageError(f"--from only makes sense with --source local or auto, not {req.source}.",
@@ -146,12 +151,12 @@ def auto(req: DownloadRequest, console: Console) -> DownloadResult:
         try:
             return from_hub(req, console)
         except hub.HubUnreachable as exc:
-            console.print(f"the hub is not reachable ({exc.message}); keeping the local copy, checked on its own.")
+            console.print(f"the hub is not reachable ({escape(exc.message)}); keeping the local copy, checked on its own.")
             return copied
     try:
         return from_hub(req, console)
     except hub.HubUnreachable as exc:
-        console.print(f"[yellow]hub unreachable:[/] {exc.message}")
+        console.print(f"[yellow]hub unreachable:[/] {escape(exc.message)}")
         if hub.offline_mode():
             raise
         console.print(f"trying ModelScope ({modelscope.modelscope_name(req.repo)}) instead")
@@ -209,6 +214,7 @@ def from_hub(req: DownloadRequest, console: Console) -> DownloadResult:
     if hub.offline_mode():
         return _offline_check(req, revision, console)
     listing = hub.fetch_manifest(req.repo, revision, endpoint, req.token)
+    listing.refuse_unsafe_paths(req.local_dir, f"{endpoint} ({req.repo} at {revision})")  # before any write
     manifest = listing.select(req.selection)
     record = VerifiedRecord(req.local_dir, trust=not req.recheck)
     plan = inspect_folder(manifest, req.local_dir, record)
@@ -240,7 +246,23 @@ def inspect_folder(manifest: Manifest, local_dir: Path, record: VerifiedRecord) 
             plan.states.append(FileState(rf, "resume", part.stat().st_size))
         else:
             plan.states.append(FileState(rf, "fetch", 0))
+    for group in same_content(plan):
+        source = group[0]  # the best placed: verified, else on disk to check, else the one to fetch
+        for state in group:
+            if state is not source and state.status in ("fetch", "resume"):
+                state.status, state.have, state.of = "link", 0, source.file.path
     return plan
+
+
+def same_content(plan: Plan) -> list[list[FileState]]:
+    """The plan's files grouped by the partial file they would be fetched into (one per content): a
+    repo can hold identical files (a copied tokenizer, empty files), and two writers on one partial
+    would lock each other out. Each group is settled by one worker: one fetch, hard links for the rest."""
+    groups: dict[Path, list[FileState]] = {}
+    for state in plan.states:
+        groups.setdefault(hub.partial_path(plan.local_dir, state.file), []).append(state)
+    order = {"verified": 0, "check": 1, "link": 3}  # what is proven first, so the rest can link to it
+    return [sorted(g, key=lambda s: order.get(s.status, 2)) for g in groups.values()]
 
 
 def run_plan(plan: Plan, endpoint: str, record: VerifiedRecord, console: Console, show: bool,
@@ -250,21 +272,14 @@ def run_plan(plan: Plan, endpoint: str, record: VerifiedRecord, console: Console
     transferred = 0
     lock = threading.Lock()
     to_check = sum(s.file.size for s in plan.states if s.status == "check")
+    interrupted = False
     with DownloadProgress(console, plan.bytes_to_fetch, enabled=show, to_check=to_check) as progress, \
             hub.network_sized_chunks():
 
-        def work(state: FileState) -> None:
+        def fetch(state: FileState) -> None:
             nonlocal transferred
             rf = state.file
-            if state.status == "verified":
-                return
-            if state.status == "check":
-                digest = hash_file(plan.local_dir / rf.path, rf, on_bytes=progress.checked).hexdigest()
-                if not rf.expected_digest or digest == rf.expected_digest:
-                    record.mark(plan.local_dir / rf.path, rf)
-                    return
-                console.print(f"[yellow]{rf.path}[/] does not match the hub's {rf.digest_kind}: fetching it again")
-                record.forget(rf)
+            if state.status in ("check", "link"):  # planned as no transfer: it has to travel after all
                 progress.add_total(rf.size)
             bar = progress.file(rf.path, rf.size, done=state.have if state.status == "resume" else 0)
 
@@ -280,19 +295,49 @@ def run_plan(plan: Plan, endpoint: str, record: VerifiedRecord, console: Console
             with lock:
                 transferred += fetched.transferred
 
+        def settle(group: list[FileState]) -> None:
+            good = None  # a file of this content already in place and proven
+            for state in group:
+                rf = state.file
+                final = plan.local_dir / rf.path
+                if state.status == "verified":
+                    good = good or final
+                    continue
+                if state.status == "check":
+                    digest = hash_file(final, rf, on_bytes=progress.checked).hexdigest()
+                    if not rf.expected_digest or digest == rf.expected_digest:
+                        record.mark(final, rf)
+                        good = good or final
+                        continue
+                    console.print(f"[yellow]{escape(rf.path)}[/] does not match the hub's {rf.digest_kind}: "
+                                  "fetching it again", highlight=False)
+                    record.forget(rf)
+                if good is not None:
+                    local.place_file(good, final)
+                    record.mark(final, rf)
+                    hub.tell_huggingface_hub(plan.local_dir, rf, plan.manifest)
+                    continue
+                fetch(state)
+                good = final
+            if len(group) > 1:  # a partial of this content left from an earlier run is done with
+                hub.partial_path(plan.local_dir, group[0].file).unlink(missing_ok=True)
+
         pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="internlm-kit-download")
-        futures = [pool.submit(work, s) for s in plan.states]
+        futures = [pool.submit(settle, g) for g in same_content(plan)]
         try:
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         except KeyboardInterrupt:
+            interrupted = True
             cancel.set()
             pool.shutdown(wait=True, cancel_futures=True)
-            console.print("interrupted: what arrived is kept in partial files; "
-                          "run the same command again to resume.")
-            raise
-        if any(f.done() and f.exception() is not None for f in done):
-            cancel.set()  # one file failed: stop the others at their next write (partials are kept)
-        pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            if any(f.done() and f.exception() is not None for f in done):
+                cancel.set()  # one file failed: stop the others at their next write (partials are kept)
+            pool.shutdown(wait=True, cancel_futures=True)
+    if interrupted:  # said below the last progress bar, where the eye is
+        console.print("interrupted: what arrived is kept in partial files; "
+                      "run the same command again to resume.")
+        raise KeyboardInterrupt
     errors = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
     for exc in errors:
         if not isinstance(exc, Cancelled):
@@ -316,8 +361,8 @@ def _offline_check(req: DownloadRequest, revision: str, console: Console) -> Dow
         elif state.status != "verified":
             bad.append(rf.path)
     if bad:
-        raise hub.HubUnreachable(f"HF_HUB_OFFLINE is set and {len(bad)} file(s) in {req.local_dir} are missing or "
-                                 f"damaged: {', '.join(bad[:5])}.", "unset HF_HUB_OFFLINE and run it again to fetch them.")
+        raise hub.HubUnreachable(f"HF_HUB_OFFLINE is set and {plural(len(bad), 'file')} in {req.local_dir} "
+                                 f"{'is' if len(bad) == 1 else 'are'} missing or damaged: {', '.join(bad[:5])}.", "unset HF_HUB_OFFLINE and run it again to fetch them.")
     console.print("HF_HUB_OFFLINE is set: checked against the metadata saved by the earlier download.")
     return _result(req, manifest, "hf", plan, verified=True,
                    verification="offline, against the hub metadata saved at download time")
@@ -340,18 +385,24 @@ def _load_manifest(local_dir: Path, repo: str) -> Manifest | None:
         return None
     if data.get("repo") != repo:
         return None
-    return Manifest(repo, data["revision"], data.get("commit"), [RemoteFile(**f) for f in data["files"]])
+    manifest = Manifest(repo, data["revision"], data.get("commit"), [RemoteFile(**f) for f in data["files"]])
+    record = Path(local_dir) / KIT_MANIFEST
+    manifest.refuse_unsafe_paths(local_dir, f"the download record {record}", "download record (edited or planted)",
+                                 fix=f"delete {record} (the next download writes it again) and run this again.")
+    return manifest
 
 
 # ---------------------------------------------------------------- local and ModelScope
 
 
 def from_local(req: DownloadRequest, src: Path, console: Console) -> DownloadResult:
-    files = local.list_local_files(src, req.selection)
+    every = local.list_local_files(src)
+    refuse_unsafe_listing([f.path for f in every], req.local_dir, f"the copy at {src}", "copy",  # before any write
+                          fix="use another copy (--from DIR), or download the model: --source hf (or modelscope).")
+    files = [f for f in every if req.selection.keeps(f.path)]
     if not files:
-        every = local.list_local_files(src)
         if req.selection and every:
-            raise nothing_selected(req.selection, f"the {len(every)} files in {src}", [f.path for f in every])
+            raise nothing_selected(req.selection, f"the {plural(len(every), 'file')} in {src}", [f.path for f in every])
         raise KitError(f"{src} holds no files.", "point --from at the model folder (the one with config.json).")
     problems = local.structure_problems(src) if not req.selection else []
     if problems:
@@ -368,7 +419,7 @@ def from_local(req: DownloadRequest, src: Path, console: Console) -> DownloadRes
     hows = {rf.path: local.place_file(src / rf.path, req.local_dir / rf.path) for rf in todo}
     if hows:
         kinds = sorted(set(hows.values()))
-        console.print(f"{len(hows)} file(s) {' and '.join(kinds)} from {src}")
+        console.print(f"{plural(len(hows), 'file')} {' and '.join(kinds)} from {escape(str(src))}", highlight=False)
     problems = _placed_problems(req.local_dir, files, req.selection)
     mismatched = [f.path for f in files if (req.local_dir / f.path).stat().st_size != f.size]
     if problems or mismatched:
@@ -420,13 +471,18 @@ def from_modelscope(req: DownloadRequest, console: Console) -> DownloadResult:
     if req.dry_run:
         raise KitError("--dry-run needs the hub's file list, which ModelScope's client does not give.",
                        "run --dry-run with --source hf (or a mirror endpoint).")
+    model_id, listed = modelscope.list_modelscope_files(req.repo, req.revision, token=req.token)
+    refuse_unsafe_listing(listed, req.local_dir, f"ModelScope's {model_id}", "repo")  # before any write
+    wanted = [p for p in listed if req.selection.keeps(p)]
+    if not wanted:
+        if req.selection and listed:
+            raise nothing_selected(req.selection, f"the {plural(len(listed), 'file')} in ModelScope's {model_id}",
+                                   listed)
+        raise KitError(f"ModelScope lists no files for {model_id}.", "check the repo name and --revision.")
     req.local_dir.mkdir(parents=True, exist_ok=True)
-    model_id, received = modelscope.fetch_from_modelscope(req.repo, req.revision, req.local_dir, req.selection,
-                                                          token=req.token)
-    files = local.list_local_files(req.local_dir, req.selection)
-    if req.selection and not files:
-        raise KitError(f"ModelScope's {model_id} has no files left by {req.selection.describe()}.",
-                       "check the globs (they match paths in the repo, e.g. '*.json'), or drop --include/--exclude.")
+    received = modelscope.fetch_from_modelscope(model_id, req.revision, req.local_dir, wanted, token=req.token)
+    placed = set(wanted)
+    files = [f for f in local.list_local_files(req.local_dir) if f.path in placed]
     problems = _placed_problems(req.local_dir, files, req.selection)
     if problems:
         raise KitError(f"ModelScope's copy of {model_id} in {req.local_dir} does not check out: {'; '.join(problems[:4])}.",
@@ -446,15 +502,17 @@ def _say_plan(plan: Plan, console: Console) -> None:
     for s in plan.states:
         states[s.status] += 1
     resumed = sum(s.have for s in plan.states if s.status == "resume")
-    line = (f"{m.repo}@{(m.commit or m.revision)[:12]}: {len(m.files)} files, {human_bytes(m.total_bytes)}; "
+    line = (f"{m.repo}@{(m.commit or m.revision)[:12]}: {plural(len(m.files), 'file')}, {human_bytes(m.total_bytes)}; "
             f"{human_bytes(plan.bytes_to_fetch)} to fetch")
     if resumed:
-        line += f" (resuming {states['resume']} file(s), {human_bytes(resumed)} already here)"
+        line += f" (resuming {plural(states['resume'], 'file')}, {human_bytes(resumed)} already here)"
+    if states.get("link"):
+        line += f"; {plural(states['link'], 'file')} the same as another in the repo (fetched once, hard-linked)"
     if states.get("check"):
-        line += f"; {states['check']} file(s) on disk to check"
+        line += f"; {plural(states['check'], 'file')} on disk to check"
     if states.get("verified"):
         line += f"; {states['verified']} already verified"
-    console.print(line)
+    console.print(line, markup=False, highlight=False)
 
 
 def _say_local_plan(plan: Plan, src: Path, console: Console) -> None:
@@ -462,8 +520,9 @@ def _say_local_plan(plan: Plan, src: Path, console: Console) -> None:
     parts = [(n["link"], f"{n['link']} to hard-link"),
              (n["copy"], f"{n['copy']} to copy ({human_bytes(plan.bytes_to_fetch)})"),
              (n["present"], f"{n['present']} already there")]
-    console.print(f"{src}: {len(plan.states)} files, {human_bytes(plan.manifest.total_bytes)}; "
-                  f"{', '.join(text for count, text in parts if count)}; destination {plan.local_dir}")
+    console.print(f"{src}: {plural(len(plan.states), 'file')}, {human_bytes(plan.manifest.total_bytes)}; "
+                  f"{', '.join(text for count, text in parts if count)}; destination {plan.local_dir}",
+                  markup=False, highlight=False)
 
 
 def _result(req, manifest: Manifest, source: str, plan: Plan, *, verified: bool, verification: str,
