@@ -56,15 +56,15 @@ def test_unknown_backend_and_missing_model_are_one_paragraph_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_python_without_the_serve_extra_is_told_what_to_install(tutorial_stack_venv, tiny_internlm2_dir):
-    # The tutorial stack has the model packages but not fastapi/uvicorn (no `serve` extra).
-    done = subprocess.run([str(tutorial_stack_venv), "-m", "setup_kit", "serve", "--model",
+def test_a_python_without_the_serve_extra_is_told_what_to_install(kit_core_venv, tiny_internlm2_dir):
+    # The kit installed without its `serve` extra: no fastapi/uvicorn.
+    done = subprocess.run([str(kit_core_venv), "-m", "setup_kit", "serve", "--model",
                            str(tiny_internlm2_dir)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert "fastapi" in done.stderr and "uvicorn" in done.stderr
-    assert f"{tutorial_stack_venv} -m pip install" in done.stderr
+    assert f"{kit_core_venv} -m pip install" in done.stderr
     # The same venv still refuses the remote-code engine for what it is, not for the missing packages.
-    done = subprocess.run([str(tutorial_stack_venv), "-m", "setup_kit", "serve", "--model",
+    done = subprocess.run([str(kit_core_venv), "-m", "setup_kit", "serve", "--model",
                            str(tiny_internlm2_dir), "--engine", "remote-code"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "native engine" in done.stderr and "Traceback" not in done.stderr
