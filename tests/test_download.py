@@ -431,5 +431,22 @@ def test_ctrl_c_keeps_the_partial_file_and_exits_130(hub, hub_repo, tmp_path):
 
     assert proc.returncode == 130, err
     assert "run the same command again to resume" in err and "Traceback" not in err
+    before, after = err.split("interrupted: what arrived", 1)
+    assert "download ━" in before and "━" not in after  # said below the last progress bar, not above it
     assert partial_size(dest, sha) >= 11 * MiB
     assert not (dest / SHARD1).exists()
+
+
+@pytest.mark.parametrize("where", ["--endpoint", "HF_ENDPOINT"])
+@pytest.mark.parametrize("url", ["http://[::1", "http://127.0.0.1:abc", "localhost:8080"])
+def test_a_malformed_endpoint_is_one_paragraph_not_a_traceback(tmp_path, where, url):
+    env = kit_env(url if where == "HF_ENDPOINT" else "http://127.0.0.1:9", tmp_path)
+    args = ["--local-dir", str(tmp_path / "m"), *(["--endpoint", url] if where == "--endpoint" else [])]
+
+    proc = run_kit(args, env)
+
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("internlm-kit: error:") == 1, proc.stderr
+    assert f"{where}{' ' if where == '--endpoint' else '='}{url!r} is not a URL" in proc.stderr
+    assert "fix:" in proc.stderr and "https://hf-mirror.com" in proc.stderr
+    assert not (tmp_path / "m").exists()
