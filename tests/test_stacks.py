@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.models import build_tiny_internlm2
+from fixtures.servers import free_port, wait_for_http
 from fixtures.venvs import STACKS, stack_venv
 
 
@@ -45,3 +46,80 @@ def test_chat_on_each_stack_matches_the_developers_stack(release, long_context_d
     assert other["reply"] == dev["reply"] and other["completion_tokens"] == 16
     assert other["prompt_tokens"] == dev["prompt_tokens"]
     assert other_peak < 1.2 * dev_peak, (other_peak, dev_peak)  # 4.38's full mask alone was 1 GiB+
+
+
+def serve_replies(python: Path, model: Path, tmp_path: Path) -> tuple[str, str]:
+    """A real `internlm-kit serve` in that interpreter: (the non-streaming reply, the streamed reply).
+    Every completion must succeed: on 4.x the scheduler once failed each one with a 500 while /health said ok."""
+    import httpx
+
+    port = free_port()
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    log = tmp_path / f"serve-{port}.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([str(python), "-m", "setup_kit", "serve", "--model", str(model), "--port",
+                                    str(port), "--device", "cpu", "--dtype", "fp32", "--threads", "1",
+                                    "--skip-checks"], stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "INTERNLM_KIT_STATE_DIR": str(tmp_path / "state")})
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{base}/health", process, 180, log)
+        body = {"model": model.name, "messages": [{"role": "user", "content": "Hello, 你好"}],
+                "max_tokens": 12, "temperature": 0}
+        answer = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
+        assert answer.status_code == 200, (answer.text, log.read_text())
+        assert answer.json()["usage"]["completion_tokens"] == 12
+        streamed, events = "", []
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json={**body, "stream": True},
+                          timeout=120) as stream:
+            assert stream.status_code == 200
+            for line in stream.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+        assert events[-1] == "[DONE]", events
+        for event in events[:-1]:
+            chunk = json.loads(event)
+            assert "error" not in chunk, (chunk, log.read_text())
+            streamed += chunk["choices"][0]["delta"].get("content") or ""
+        replies = answer.json()["choices"][0]["message"]["content"], streamed
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert "Traceback" not in log.read_text(), log.read_text()
+    return replies
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("release", list(STACKS))
+def test_serve_on_each_stack_answers_as_on_the_developers_stack(release, tiny_internlm2_dir, tmp_path):
+    dev = serve_replies(Path(sys.executable), tiny_internlm2_dir, tmp_path / "dev")
+    other = serve_replies(stack_venv(release), tiny_internlm2_dir, tmp_path / release)
+    assert other == dev and other[0] == other[1]
+
+
+LOAD_CONVERTED = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+ids = tokenizer("<|im_start|>user\\nHello, 你好<|im_end|>", return_tensors="pt").input_ids
+with torch.no_grad():
+    print(type(model).__name__, model(ids).logits[0, -1].argmax().item())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("release", list(STACKS))
+def test_convert_on_each_stack_writes_a_folder_that_stack_loads(release, tiny_internlm2_dir, tmp_path):
+    python = stack_venv(release)
+    done = subprocess.run([str(python), "-m", "setup_kit", "convert", str(tiny_internlm2_dir), str(tmp_path / "llama")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    on_stack = subprocess.run([str(python), "-c", LOAD_CONVERTED, str(tmp_path / "llama")],
+                              capture_output=True, text=True, timeout=300)
+    assert on_stack.returncode == 0, on_stack.stderr
+    on_dev = subprocess.run([sys.executable, "-c", LOAD_CONVERTED, str(tmp_path / "llama")],
+                            capture_output=True, text=True, timeout=300)
+    assert on_dev.returncode == 0, on_dev.stderr
+    assert on_stack.stdout.split()[0] == "LlamaForCausalLM"
+    assert on_stack.stdout.split()[-1] == on_dev.stdout.split()[-1]  # the same next token on both stacks
