@@ -89,7 +89,8 @@ def test_list_checks_names_every_stable_id():
     assert ids == ["python.version", "packages.required", "packages.pins", "packages.dependencies",
                    "known-issues", "torch.import", "torch.cuda-vs-gpu", "torch.cuda-vs-driver", "gpu.memory",
                    "gpu.bf16", "system.disk", "system.ram", "hf.env", "model.config", "model.tokenizer",
-                   "model.weights", "model.remote-code", "model.folder-name", "model.remote-code-imports"]
+                   "model.weights", "model.remote-code", "model.folder-name", "model.remote-code-imports",
+                   "model.rehearsal.remote-code", "model.rehearsal.native"]
 
 
 def test_only_runs_just_the_named_checks_and_does_not_import_torch(no_gpu):
@@ -300,12 +301,15 @@ def test_a_healthy_tiny_model_on_the_cpu_stack_is_one_warning_not_a_failure(tiny
     report, result = doctor_json("--model", str(tiny_internlm2_dir), env=no_gpu)
     assert_contract(report, result)
     assert report["ok"] is True and result.returncode == 0
-    warnings = [c for c in report["checks"] if c["status"] == "warn"]
+    # packages.pins may warn too: the dev venv takes the index's newest accelerate, not the cpu profile's pin.
+    warnings = [c for c in report["checks"] if c["status"] == "warn" and c["id"] != "packages.pins"]
     assert [c["id"] for c in warnings] == ["model.remote-code-imports"]
     assert "native engine" in warnings[0]["summary"] and "trust_remote_code" in warnings[0]["summary"]
     text = doctor("--model", str(tiny_internlm2_dir), env=no_gpu)
     assert text.returncode == 0
-    assert text.stdout.strip().splitlines()[-1].startswith("No problems found: 1 warning,")
+    warned = sum(c["status"] == "warn" for c in report["checks"])
+    assert text.stdout.strip().splitlines()[-1].startswith(
+        f"No problems found: {warned} warning{'' if warned == 1 else 's'},")
 
 
 def test_an_engine_the_doctor_does_not_know_is_a_usage_error():
@@ -411,7 +415,9 @@ def test_ctrl_c_stops_the_doctor_and_leaves_no_probe_behind(fake_torch_venv, no_
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=30)
     assert process.returncode == 130 and "Traceback" not in err
-    time.sleep(0.2)
+    deadline = time.time() + 10  # the probe is killed as the doctor exits; a loaded machine reaps it late
+    while _processes_running(probe) and time.time() < deadline:
+        time.sleep(0.1)
     assert _processes_running(probe) == []
 
 
