@@ -421,7 +421,10 @@ def test_ctrl_c_keeps_the_partial_file_and_exits_130(hub, hub_repo, tmp_path):
         while partial_size(dest, sha) < 11 * MiB and time.monotonic() < deadline:
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
-        time.sleep(0.3)
+        try:  # give the kit time to take the signal before bytes flow again (bounded, not a fixed race)
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
         hub.release()
         _, err = proc.communicate(timeout=30)
     finally:
