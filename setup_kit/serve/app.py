@@ -575,29 +575,18 @@ async def _sse(reply: _Reply, choices: list[_Choice], parsers: list, include_usa
             choice.request.cancel.set()
 
 
+def _chat_failure(event: Event, status: int) -> str:
+    return f"{'' if status == 400 else 'Generation failed: '}{event.error}"
+
+
 async def _complete(reply: _Reply, choices: list[_Choice], parsers: list, watcher: asyncio.Task):
-    texts = [[] for _ in choices]
-    logprobs = [[] for _ in choices]
-    finals: dict[int, Event] = {}
-    try:
-        async for i, event in _merged(choices):
-            texts[i].append(event.text)
-            logprobs[i] += event.logprobs or []
-            if event.finish_reason == "cancelled":
-                return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
-            if event.finish_reason == "error":
-                status = ERROR_STATUS.get(event.error_type, 500)
-                prefix = "" if status == 400 else "Generation failed: "
-                raise APIError(status, f"{prefix}{event.error}", event.error_type)
-            if event.finish_reason is not None:
-                finals[i] = event
-    finally:
-        watcher.cancel()
-        for choice in choices:
-            choice.request.cancel.set()
+    collected = await _collect(choices, watcher, _chat_failure)
+    if collected is None:
+        return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
+    finals = {i: event for i, (_text, _entries, event) in enumerate(collected)}
     out = []
-    for i, event in sorted(finals.items()):
-        text, calls = "".join(texts[i]), []
+    for i, (text, logprobs_i, event) in enumerate(collected):
+        calls = []
         if parsers[i] is not None:
             shown, calls = parsers[i].feed(text)
             rest, more = parsers[i].finish()
@@ -608,7 +597,7 @@ async def _complete(reply: _Reply, choices: list[_Choice], parsers: list, watche
             tool_calls=[schema.ResponseToolCall(id=c.id, function=schema.FunctionCall(name=c.name, arguments=c.arguments))
                         for c in calls] or None)
         out.append(schema.Choice(index=i, message=message, finish_reason=finish,
-                                 logprobs=reply.logprobs.chat(logprobs[i]) if reply.logprobs else None))
+                                 logprobs=reply.logprobs.chat(logprobs_i) if reply.logprobs else None))
     usage = _usage(finals[0].prompt_tokens, sum(e.completion_tokens for e in finals.values()))
     body = schema.ChatCompletion(id=reply.id, created=reply.created, model=reply.model, choices=out,
                                  usage=usage).model_dump()
@@ -648,9 +637,11 @@ async def _plain_completion(served: ServedModel, body: schema.CompletionRequest,
             params = _params(served, body, len(ids), logprobs=body.logprobs)
             choices = _submit_all(served, ids, params, body.n)
             watcher = _watch_disconnect(http_request, served, choices)
-            generated = await _collect(choices, watcher)
-            if generated is None:
+            collected = await _collect(choices, watcher)
+            if collected is None:
                 return JSONResponse({}, status_code=499)
+            generated = [(text, entries, event.completion_tokens, event.finish_reason)
+                         for text, entries, event in collected]
         prompt_total += len(ids)
         for text, entries, count, finish in generated:
             completion_total += count
@@ -684,7 +675,13 @@ async def _score(served: ServedModel, ids: list[int], top: int) -> list[dict | N
     return result
 
 
-async def _collect(choices: list[_Choice], watcher: asyncio.Task):
+def _plain_failure(event: Event, status: int) -> str:
+    return event.error or "generation failed"
+
+
+async def _collect(choices: list[_Choice], watcher: asyncio.Task, failure=_plain_failure):
+    """Every choice's (text, logprob entries, final event), in choice order; None when the client left.
+    A failed choice raises APIError with `failure(event, status)` as its message."""
     texts = [[] for _ in choices]
     entries = [[] for _ in choices]
     finals: dict[int, Event] = {}
@@ -696,15 +693,14 @@ async def _collect(choices: list[_Choice], watcher: asyncio.Task):
                 return None
             if event.finish_reason == "error":
                 status = ERROR_STATUS.get(event.error_type, 500)
-                raise APIError(status, event.error or "generation failed", event.error_type)
+                raise APIError(status, failure(event, status), event.error_type)
             if event.finish_reason is not None:
                 finals[i] = event
     finally:
         watcher.cancel()
         for choice in choices:
             choice.request.cancel.set()
-    return [("".join(texts[i]), entries[i], finals[i].completion_tokens, finals[i].finish_reason)
-            for i in sorted(finals)]
+    return [("".join(texts[i]), entries[i], finals[i]) for i in sorted(finals)]
 
 
 def _completion_logprobs(lp: _Logprobs, pairs: list[tuple[int, dict | None]]) -> schema.CompletionLogprobs:
