@@ -158,12 +158,6 @@ class ToolCallingModel(ModelWrapper):
         self.arguments = encode_text(tokenizer, '{"city": "Paris"}}') + [special("<|action_end|>"), end]
         self.script, self.step = self.call, 0
 
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def eval(self):
-        return self
-
     def __call__(self, *args, **kwargs):
         out = self._model(*args, **kwargs)
         ids = kwargs["input_ids"]

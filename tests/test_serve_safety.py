@@ -60,12 +60,6 @@ class PoisonModel(ModelWrapper):
     def __init__(self, model, poison: int, pause: float = 0.0):
         self._model, self._poison, self._pause = model, poison, pause
 
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def eval(self):
-        return self
-
     def __call__(self, *args, **kwargs):
         time.sleep(self._pause)
         out = self._model(*args, **kwargs)
