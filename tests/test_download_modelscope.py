@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.modelscope_hub import MODELSCOPE_ID
+from fixtures.modelscope_hub import MODELSCOPE_ID, ModelScopeHub
 from fixtures.venvs import make_venv, pip_install
 from test_download import assert_clear_failure
+from test_download_hostile import assert_refused, tree
 
 pytestmark = pytest.mark.slow  # builds venvs from the package index
 
@@ -214,3 +215,44 @@ def test_hf_source_without_huggingface_hub_says_how_to_get_it(modelscope_only_ve
     proc = kit(modelscope_only_venv, ["--source", "hf", "--local-dir", str(tmp_path / "m")], ms_env(NO_HUB, tmp_path))
 
     assert_clear_failure(proc, "huggingface_hub", "pip install huggingface_hub", "--source modelscope")
+
+
+@pytest.mark.parametrize("name", ["../escape.txt", "a/../../escape.txt", "ABS", "..\\escape.txt", "link/escape.txt"])
+def test_a_modelscope_listing_naming_a_path_outside_the_folder_is_refused_and_nothing_is_written(
+        modelscope_venv, modelscope_repo, tmp_path, name):
+    work = tmp_path / "work"
+    (work / "outside").mkdir(parents=True)
+    name = str(work / "outside" / "abs.txt") if name == "ABS" else name
+    dest = work / "models" / "m"
+    if name.startswith("link/"):
+        dest.mkdir(parents=True)
+        (dest / "link").symlink_to(work / "outside", target_is_directory=True)
+    payload = tmp_path / "payload.txt"
+    payload.write_text("planted\n")
+    before = tree(work)
+    with ModelScopeHub(modelscope_repo.with_files({name: payload})) as hub:
+        proc = kit(modelscope_venv, ["--source", "modelscope", "--local-dir", str(dest)], ms_env(hub.url, tmp_path))
+        assert hub.file_gets() == []
+
+    assert_refused(proc, name)
+    assert tree(work) == before
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_identical_files_from_modelscope_download_and_a_rerun_transfers_nothing(
+        modelscope_venv, modelscope_repo, tiny_internlm2_dir, tmp_path, attempt):
+    twins = {"sub/tokenizer.model": tiny_internlm2_dir / "tokenizer.model",
+             "tokenizer-copy.model": tiny_internlm2_dir / "tokenizer.model",
+             "sub/config.json": tiny_internlm2_dir / "config.json"}
+    repo = modelscope_repo.with_files(twins)
+    dest = tmp_path / "m"
+    with ModelScopeHub(repo) as hub:
+        env = ms_env(hub.url, tmp_path)
+        first = kit(modelscope_venv, ["--source", "modelscope", "--local-dir", str(dest)], env)
+        assert first.returncode == 0, first.stderr
+        assert_same_files(dest, repo)
+        hub.reset_counters()
+        again = kit(modelscope_venv, ["--source", "modelscope", "--local-dir", str(dest), "--json"], env)
+
+    assert again.returncode == 0, again.stderr
+    assert hub.file_gets() == [] and json.loads(again.stdout)["transferred"] == 0
