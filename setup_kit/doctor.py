@@ -104,17 +104,22 @@ def describe_target(ctx: Context, profile_reason: str) -> dict:
         "profile": ctx.profile.name if ctx.profile else None,
         "profile_reason": profile_reason,
         "model": str(ctx.model_path) if ctx.model_path else None,
+        "engine": ctx.engine or "native",
+        "engine_reason": ctx.engine_reason,
         "torch": (ctx.torch.version or ctx.torch.status) if ctx.torch else "not checked",
         "gpu": gpu,
     }
 
 
 def diagnose(python: str | None = None, model: str | Path | None = None, profile: str | None = None,
-             only: list[str] | None = None, dtype: str = "auto", engine: str = "native") -> Report:
+             only: list[str] | None = None, dtype: str = "auto", engine: str | None = None,
+             device: str = "auto") -> Report:
     """Run the doctor's checks (all, or those named by `only`) against a target interpreter.
 
     `engine` is whose verdict it is: for "native" (the kit's default) the model's remote code failing
-    is a warning, for "remote-code" (trust_remote_code) a problem."""
+    is a warning, for "remote-code" (trust_remote_code) a problem. None: native where the kit runs,
+    remote-code in another interpreter without the kit (what runs there is the user's own code).
+    With --model the assumed engine is rehearsed on a miniature twin of the folder."""
     from setup_kit import probe
     from setup_kit.profiles import load_profile
 
@@ -126,25 +131,48 @@ def diagnose(python: str | None = None, model: str | Path | None = None, profile
         torch_process = probe.start_script(target, "torch_script.py") if not only else None
         started.append(torch_process)
         checks = select_checks(only)
-        ctx = gather(target, checks, model, torch_process, started)
+        ctx = gather(target, checks, model, torch_process, started, engine, normalize_dtype(dtype),
+                     normalize_device(device))
     finally:
         for process in filter(None, started):
             if process.poll() is None:
                 process.kill()
                 process.wait()
     ctx.dtype = normalize_dtype(dtype)
-    if engine == "remote-code":  # native leaves it unset: every package the model may need is still checked
-        ctx.engine = engine
     ctx.profile, ctx.profile_reason, ctx.profile_explicit, ctx.fix_profile = choose_profile(
         ctx.env, profile, bool(ctx.gpu and ctx.gpu.gpus))
     return Report(describe_target(ctx, ctx.profile_reason), run_checks(checks, ctx))
 
 
-def gather(target: str, checks, model, torch_process, started: list) -> Context:
+def assumed_engine(target: str, env, engine: str | None) -> tuple[str, str]:
+    """(engine, why): the one given, else native where the kit runs, else remote-code."""
+    import sys
+
+    if engine:
+        return engine, "--engine"
+    if Path(target) == Path(sys.executable) or env.has("internlm-kit"):
+        return "native", "internlm-kit runs in this interpreter; its chat uses the native engine"
+    return "remote-code", ("internlm-kit is not installed in this interpreter, so what runs there is the "
+                           "model's own code (trust_remote_code, as in the tutorial)")
+
+
+def rehearsal_timeout() -> float:
+    """`INTERNLM_KIT_REHEARSAL_TIMEOUT` seconds (default 180): how long the rehearsal may take."""
+    import os
+
+    try:
+        return float(os.environ.get("INTERNLM_KIT_REHEARSAL_TIMEOUT", 180))
+    except ValueError:
+        return 180.0
+
+
+def gather(target: str, checks, model, torch_process, started: list, engine: str | None = None,
+           dtype: str = "auto", device: str = "auto") -> Context:
     """The facts these checks need, from probes running side by side."""
     from setup_kit import probe
     from setup_kit.checks.model import remote_code_imports
     from setup_kit.modelfolder import inspect_model_folder
+    from setup_kit.probe import rehearsal
 
     needs = set().union(*(c.needs for c in checks)) if checks else set()
     env_process = probe.start_script(target, "env_script.py")
@@ -159,13 +187,31 @@ def gather(target: str, checks, model, torch_process, started: list) -> Context:
             ctx.model_path = Path(model).expanduser()
             ctx.model = inspect_model_folder(ctx.model_path)
         imports = None
-        if "imports" in needs and (items := remote_code_imports(ctx.model)):
+        items = remote_code_imports(ctx.model) if "imports" in needs else []
+        ctx.env = probe.environment_from(env_process, target)  # raises (exit 2) if the target cannot run it
+        chosen, ctx.engine_reason = assumed_engine(target, ctx.env, engine)
+        if chosen == "remote-code":  # native leaves it unset: every package the model may need is still checked
+            ctx.engine = chosen
+        rehearsing = None
+        if "rehearsal" in needs and ctx.model is not None and bool(ctx.model.config) and (
+                chosen == "native" or ctx.model.uses_remote_code):
+            # One subprocess: the import check rides along with the rehearsal.
+            rehearsing = rehearsal.start(target, ctx.model_path, chosen, dtype,
+                                         "cpu" if device == "cpu" else "auto", rehearsal_timeout(), items)
+            started.append(rehearsing[0])
+        elif items:
             imports = probe.start_imports(target, items)
             started.append(imports[0])
-        ctx.env = probe.environment_from(env_process, target)  # raises (exit 2) if the target cannot run it
         ctx.gpu = gpu_future.result() if gpu_future else None
         ctx.torch = probe.torch_from(torch_process) if torch_process else None
-        ctx.imports = probe.imports_from(imports) if imports else None
+        if rehearsing is not None:
+            rehearsed = rehearsal.result(rehearsing)
+            ctx.rehearsal = {chosen: rehearsed}
+            if items:
+                ctx.imports = rehearsed.imports or [dict(i, ok=False, error=f"the rehearsal {rehearsed.stage}: "
+                                                     f"{rehearsed.message}") for i in items]
+        else:
+            ctx.imports = probe.imports_from(imports) if imports else None
     return ctx
 
 

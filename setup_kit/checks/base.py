@@ -79,7 +79,7 @@ class Check:
     category: str
     title: str
     run: Callable[[Context], Result]
-    needs: frozenset[str] = frozenset()  # env | torch | gpu | model | imports
+    needs: frozenset[str] = frozenset()  # env | torch | gpu | model | imports | rehearsal
 
 
 REGISTRY: list[Check] = []
@@ -114,6 +114,8 @@ class Context:
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     device: str = "auto"  # auto | cuda | cpu
     engine: str | None = None  # set by the preflight: the engine about to run
+    engine_reason: str = ""  # why the doctor assumed that engine
+    rehearsal: dict | None = None  # engine -> setup_kit.probe.rehearsal.RehearsalResult, for the engine rehearsed
 
 
 def run_checks(checks: list[Check], ctx: Context) -> list[CheckResult]:

@@ -87,4 +87,25 @@ def rule_matches(rule: Rule, env, model, code: str | None = None) -> bool:
 
 def match_rules(rules, env, model=None) -> list[Rule]:
     code = _remote_code_text(model)
-    return [rule for rule in rules if rule_matches(rule, env, model, code)]
+    # A rule with exception_contains explains a failed rehearsal (rules_for_exception), never predicts one.
+    return [rule for rule in rules if "exception_contains" not in rule.when and rule_matches(rule, env, model, code)]
+
+
+def rules_for_exception(rules, env, model, rehearsal) -> list[Rule]:
+    """The rules that explain a failed rehearsal: `exception_contains` (every text in the exception's
+    'Type: message', its frame or its code line, or the chat-token problem) and the environment's conditions
+    hold. Rules without `exception_contains` explain no rehearsal."""
+    text = "\n".join(filter(None, (rehearsal.exception, rehearsal.where, rehearsal.code,
+                                   rehearsal.token_problem or "", rehearsal.note)))
+    found = []
+    for rule in rules:
+        needles = rule.when.get("exception_contains")
+        if not needles or not all(n in text for n in needles):
+            continue
+        if rehearsal.engine not in rule.when.get("engines", [rehearsal.engine]):
+            continue
+        plain = Rule(rule.id, rule.symptom, rule.cause, rule.fix, rule.severity,
+                     {k: v for k, v in rule.when.items() if k not in ("exception_contains", "engines")})
+        if rule_matches(plain, env, model):
+            found.append(rule)
+    return found

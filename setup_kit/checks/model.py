@@ -181,3 +181,59 @@ def remote_code_imports_resolve(ctx: Context) -> Result:
     # The kit's default engine runs the same weights without this code: only trust_remote_code needs it.
     return warn(f"{summary} (only trust_remote_code needs the remote code; the native engine, "
                 "internlm-kit chat's default, does not)", _imports_fix(ctx, failed), *details)
+
+
+def _rehearsal_fix(ctx: Context, rehearsal, rules) -> str:
+    values = {"python": ctx.python, "model": str(ctx.model_path or "MODEL_DIR")}
+    if rules:
+        return "\n".join(dict.fromkeys(rule.fix.format(**values) for rule in rules))
+    native = f"internlm-kit chat --engine native --model {ctx.model_path}   (runs no remote code)"
+    if rehearsal.engine == "remote-code":
+        return (f"No known rule explains this failure. {native}; or run the stack the kit proves: "
+                f"{profile_install(ctx.python, _profile('current'))}   (transformers 4.46.3)")
+    return f"No known rule explains this failure: internlm-kit doctor --model {ctx.model_path} -v, then report it."
+
+
+def _rehearsal_result(ctx: Context, engine: str) -> Result:
+    from setup_kit.checks.known_issues import load_rules, rules_for_exception
+
+    if ctx.model is None:
+        return skip(NO_MODEL)
+    if reason := _no_folder(ctx):
+        return skip(reason)
+    if engine == "remote-code" and not ctx.model.uses_remote_code:
+        return skip("config.json has no auto_map (no remote code to run)")
+    rehearsed = (ctx.rehearsal or {}).get(engine)
+    assumed = ctx.engine or "native"
+    if rehearsed is None:
+        why = f" ({ctx.engine_reason})" if ctx.engine_reason else ""
+        return skip(f"the doctor assumed the {assumed} engine{why}; pass --engine {engine} to rehearse this one")
+    said = [f"engine: {engine}" + (f" ({ctx.engine_reason})" if ctx.engine_reason else ""),
+            "on a miniature twin: the folder's config.json shrunk to 2 layers x 64 wide (vocabulary, special "
+            "tokens, rope kept), random weights, its own tokenizer files; no weight file read"]
+    said.append("ran the folder's own remote code (trust_remote_code), as the tutorial does" if engine == "remote-code"
+                else "ran no remote code (the kit's own load path)")
+    if rehearsed.passed:
+        steps = ("AutoTokenizer, AutoModelForCausalLM, chat, stream_chat" if engine == "remote-code"
+                 else "load, chat template, one decode step")
+        where = f" on transformers {rehearsed.transformers}" if rehearsed.transformers else ""
+        return ok(f"{steps} ran on the twin{where} ({rehearsed.seconds:.1f}s)", *said)
+    rules = rules_for_exception(load_rules(), ctx.env, ctx.model, rehearsed) if ctx.env else []
+    details = said + rehearsed.details()
+    for rule in rules:
+        details += [f"[{rule.id}] cause: {rule.cause}"]
+    if not rules:
+        details.append("no known-issue rule explains this failure")
+    return fail(rehearsed.summary(), _rehearsal_fix(ctx, rehearsed, rules), *details)
+
+
+@check("model.rehearsal.remote-code", MODEL, "The tutorial's remote-code steps run on a miniature twin",
+       needs=("model", "env", "rehearsal"))
+def rehearsal_remote_code(ctx: Context) -> Result:
+    return _rehearsal_result(ctx, "remote-code")
+
+
+@check("model.rehearsal.native", MODEL, "The native engine loads and decodes a miniature twin",
+       needs=("model", "env", "rehearsal"))
+def rehearsal_native(ctx: Context) -> Result:
+    return _rehearsal_result(ctx, "native")

@@ -22,9 +22,11 @@ def command(
     list_checks: bool = typer.Option(False, "--list-checks", help="List the check ids and exit."),
     dtype: str = typer.Option("auto", "--dtype", metavar="DTYPE", help="dtype for the GPU memory and bf16 checks: "
                                                       "auto, bfloat16, float16, float32."),
-    engine: str = typer.Option("native", "--engine", metavar="ENGINE",
-                               help="Whose verdict: native (the kit's default engine, no remote code) or "
-                                    "remote-code (trust_remote_code: remote code that cannot run is a problem)."),
+    engine: Optional[str] = typer.Option(None, "--engine", metavar="ENGINE",
+                                         help="Whose verdict: native (the kit's default engine, no remote code) or "
+                                              "remote-code (trust_remote_code: remote code that cannot run is a "
+                                              "problem). Default: native where internlm-kit runs, remote-code in "
+                                              "a --python without it."),
     fix: bool = typer.Option(False, "--fix", help="Repair what fails: one plan (packages resolved together, "
                                                   "folder re-downloads, steps by hand), asked once, undone if "
                                                   "the doctor still fails."),
@@ -52,7 +54,7 @@ def command(
     if normalize_dtype(dtype) not in ("auto", "bfloat16", "float16", "float32"):
         raise UsageError(f"--dtype {dtype} is not one of auto, bfloat16, float16, float32.",
                          "Pass --dtype float16 (GPUs before compute capability 8.0) or leave it out.")
-    if engine not in ("native", "remote-code"):
+    if engine not in (None, "native", "remote-code"):
         raise UsageError(f"--engine {engine} is not one of native, remote-code.",
                          "Leave it out (native, the engine internlm-kit chat uses), or pass --engine remote-code "
                          "to check for trust_remote_code.")

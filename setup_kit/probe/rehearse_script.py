@@ -76,6 +76,46 @@ def make_twin(folder, dest, weights=False):
     return twin, small, remote
 
 
+def internlm2_shapes(config):
+    """The hub's tensor names and shapes of an InternLM2 checkpoint (setup_kit.convert.expected_shapes)."""
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim, inter, vocab = hidden // heads, config["intermediate_size"], config["vocab_size"]
+    shapes = {"model.tok_embeddings.weight": (vocab, hidden), "output.weight": (vocab, hidden),
+              "model.norm.weight": (hidden,)}
+    per_layer = {"attention.wqkv.weight": ((heads + 2 * kv_heads) * head_dim, hidden),
+                 "attention.wo.weight": (hidden, heads * head_dim),
+                 "feed_forward.w1.weight": (inter, hidden), "feed_forward.w3.weight": (inter, hidden),
+                 "feed_forward.w2.weight": (hidden, inter),
+                 "attention_norm.weight": (hidden,), "ffn_norm.weight": (hidden,)}
+    for i in range(config["num_hidden_layers"]):
+        shapes.update({"model.layers.{0}.{1}".format(i, k): v for k, v in per_layer.items()})
+    if config.get("bias"):
+        for i in range(config["num_hidden_layers"]):
+            shapes["model.layers.{0}.attention.wqkv.bias".format(i)] = (shapes[
+                "model.layers.{0}.attention.wqkv.weight".format(i)][0],)
+            shapes["model.layers.{0}.attention.wo.bias".format(i)] = (hidden,)
+    return shapes
+
+
+def write_twin_weights(twin, config):
+    """Random weights for the twin, written as the folder's own layout would be (no remote code runs)."""
+    import torch
+
+    if config.get("model_type") != "internlm2":
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(twin)).save_pretrained(twin)
+        return
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {name: torch.ones(shape) if name.endswith("norm.weight") else
+               (torch.zeros(shape) if name.endswith(".bias") else torch.randn(shape, generator=generator) * 0.02)
+               for name, shape in internlm2_shapes(config).items()}
+    save_file(tensors, os.path.join(twin, "model.safetensors"), metadata={"format": "pt"})
+
+
 def check_chat_tokens(tokenizer, vocab_size):
     """A problem (str) when the chat tokens' ids are past the model's vocabulary, else None."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in CHAT_TOKENS}
@@ -152,18 +192,15 @@ def rehearse_remote_code(request, twin, config, remote, answer):
     try:
         import torch  # noqa: F401
         import transformers
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         answer["transformers"] = transformers.__version__
         stage = "AutoTokenizer.from_pretrained"
         tokenizer = AutoTokenizer.from_pretrained(twin, trust_remote_code=True)
         answer["tokenizer_class"] = type(tokenizer).__name__
         answer["token_problem"], answer["chat_token_ids"] = check_chat_tokens(tokenizer, config["vocab_size"])
-        stage = "AutoModelForCausalLM (random twin weights)"
-        cfg = AutoConfig.from_pretrained(twin, trust_remote_code=True)
-        built = AutoModelForCausalLM.from_config(cfg, trust_remote_code=True)
-        built.save_pretrained(twin)  # tiny random weights, so from_pretrained runs the user's path
-        del built
+        stage = "twin weights"
+        write_twin_weights(twin, config)
         stage = "AutoModelForCausalLM.from_pretrained"
         dtype = request.get("dtype") or "auto"
         kwargs = {"trust_remote_code": True, "torch_dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
@@ -186,16 +223,11 @@ def rehearse_native(request, twin, config, answer):
     stage = "import the kit"
     try:
         import torch
-        from safetensors.torch import save_file
 
-        from setup_kit.convert import expected_shapes
         from setup_kit.engines.native import NativeEngine
 
         stage = "twin weights"
-        generator = torch.Generator().manual_seed(0)
-        tensors = {name: torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=generator) * 0.02
-                   for name, shape in expected_shapes(config).items()}
-        save_file(tensors, os.path.join(twin, "model.safetensors"), metadata={"format": "pt"})
+        write_twin_weights(twin, config)
         stage = "native load"
         device = "cpu" if request.get("device_map") == "cpu" else "auto"
         engine = NativeEngine(twin, device=device, dtype=request.get("dtype") or "auto")
