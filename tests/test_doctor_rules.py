@@ -23,7 +23,8 @@ def test_every_shipped_rule_is_well_formed():
     rules = load_rules()
     assert len(rules) >= 15  # DESIGN.md's known failures (flash_attn is model.remote-code-imports' job)
     assert len({r.id for r in rules}) == len(rules)
-    allowed = {"installed", "missing", "python", "platform", "remote_code_contains", "env"}
+    allowed = {"installed", "missing", "python", "platform", "remote_code_contains", "env", "exception_contains",
+               "engines"}
     for rule in rules:
         assert rule.symptom and rule.cause and rule.fix and rule.severity in ("fail", "warn"), rule.id
         assert rule.when and set(rule.when) <= allowed, rule.id

@@ -25,6 +25,7 @@ class Rule:
     fix: str
     severity: str = "fail"
     when: dict = field(default_factory=dict, hash=False)
+    explains: tuple[str, ...] = ()  # texts of a rehearsal's exception this rule explains (any one)
 
 
 @lru_cache(maxsize=4)
@@ -34,7 +35,7 @@ def load_rules(path: str | None = None) -> tuple[Rule, ...]:
         with open(source, "rb") as handle:
             data = tomllib.load(handle)
         return tuple(Rule(r["id"], r["symptom"], r["cause"], r["fix"], r.get("severity", "fail"),
-                          r.get("when", {})) for r in data.get("rule", []))
+                          r.get("when", {}), tuple(r.get("explains", ()))) for r in data.get("rule", []))
     except (OSError, tomllib.TOMLDecodeError, KeyError) as exc:
         raise KitError(f"Cannot read the known-issue rules {source}: {exc}.",
                        "Reinstall internlm-kit, or fix the file (each [[rule]] needs id, symptom, cause, fix).")
@@ -92,15 +93,18 @@ def match_rules(rules, env, model=None) -> list[Rule]:
 
 
 def rules_for_exception(rules, env, model, rehearsal) -> list[Rule]:
-    """The rules that explain a failed rehearsal: `exception_contains` (every text in the exception's
-    'Type: message', its frame or its code line, or the chat-token problem) and the environment's conditions
-    hold. Rules without `exception_contains` explain no rehearsal."""
+    """The rules that explain a failed rehearsal, whose environment conditions hold: a rehearsal-only rule
+    (`when.exception_contains`: every text in the exception's 'Type: message', its frame or its code line,
+    or the chat-token problem) or a predicting rule whose `explains` names any one text found there."""
     text = "\n".join(filter(None, (rehearsal.exception, rehearsal.where, rehearsal.code,
                                    rehearsal.token_problem or "", rehearsal.note)))
     found = []
     for rule in rules:
         needles = rule.when.get("exception_contains")
-        if not needles or not all(n in text for n in needles):
+        if needles:
+            if not all(n in text for n in needles):
+                continue
+        elif not rule.explains or not any(n in text for n in rule.explains):
             continue
         if rehearsal.engine not in rule.when.get("engines", [rehearsal.engine]):
             continue
