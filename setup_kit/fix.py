@@ -151,7 +151,7 @@ def pip_requirements(fix_text: str | None) -> dict:
     from packaging.requirements import InvalidRequirement, Requirement
 
     requirements = []
-    for match in re.finditer(r"-m pip install ([^&()\n]+)", fix_text or ""):
+    for match in re.finditer(r"-m pip install ([^&()#\n]+)", fix_text or ""):
         try:
             words = shlex.split(match.group(1))
         except ValueError:

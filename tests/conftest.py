@@ -10,6 +10,7 @@ import pytest
 pytest_plugins = [
     "fixtures.models",   # tiny InternLM2 checkpoints and tokenizers
     "fixtures.remote_code",  # a tiny InternLM2 folder whose remote code runs (transformers 4.38)
+    "fixtures.rehearsal_revisions",  # stand-ins of the hub's three remote-code revisions (issue 9)
     "fixtures.venvs",    # throwaway virtual environments with real (old) packages
     "fixtures.hub",      # a hub-compatible HTTP server on 127.0.0.1
     "fixtures.modelscope_hub",  # a ModelScope-compatible hub on 127.0.0.1, for the real modelscope package

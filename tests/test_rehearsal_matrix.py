@@ -11,16 +11,10 @@ from __future__ import annotations
 import pytest
 
 from fixtures.rehearsal_matrix import MATRIX, matrix_venv
-from fixtures.rehearsal_revisions import REVISIONS, remote_code_folder
+from fixtures.rehearsal_revisions import REVISIONS
 from fixtures.rehearsal_table import run_doctor, run_oracle
 
 pytestmark = pytest.mark.slow  # builds a venv per transformers release (cached between runs)
-
-
-@pytest.fixture(scope="session")
-def revision_folders(tiny_internlm2_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("revisions")
-    return {rev: remote_code_folder(tiny_internlm2_dir, root / f"internlm2-chat-{rev}", rev) for rev in REVISIONS}
 
 
 @pytest.mark.parametrize("env", list(MATRIX))

@@ -1,0 +1,57 @@
+"""`doctor --fix --yes` on environments of issue 9's matrix where the tutorial's own steps fail: afterwards
+those steps run (tests/fixtures/rehearsal_oracle.py, nothing of the kit), the doctor is clean and torch is
+untouched. Each test works on a hard-linked clone of a cached matrix venv: pip replaces files, it never
+writes into one, so the cached venv stays as it was (checked).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fixtures.rehearsal_matrix import matrix_venv
+from fixtures.rehearsal_table import run_oracle
+
+pytestmark = pytest.mark.slow
+
+
+def clone(python: Path, dest: Path) -> Path:
+    subprocess.run(["cp", "-al", str(python.parent.parent), str(dest)], check=True, timeout=300)
+    return dest / "bin" / "python"
+
+
+def version(python: Path, name: str) -> str:
+    return subprocess.run([str(python), "-c", f"from importlib.metadata import version; print(version({name!r}))"],
+                          capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+
+
+@pytest.mark.parametrize("env, revision, transformers", [
+    ("4.44", "latest", "4.46.3"),        # get_max_cache_shape missing before 4.46
+    ("4.57", "early-2024", "4.46.3"),    # 'NoneType' object has no attribute 'shape': no version rule predicts it
+    ("4.36", "june-2024", "4.38.2"),     # StaticCache missing before 4.38
+])
+def test_fix_yes_leaves_an_environment_where_the_tutorials_steps_run(env, revision, transformers,
+                                                                     revision_folders, tmp_path, monkeypatch):
+    monkeypatch.setenv("INTERNLM_KIT_STATE_DIR", str(tmp_path / "state"))
+    cached = matrix_venv(env)
+    cached_transformers = version(cached, "transformers")
+    python = clone(cached, tmp_path / "venv")
+    folder = revision_folders[revision]
+    assert not run_oracle(python, folder)[0]  # broken as the matrix says
+    torch = version(python, "torch")
+
+    done = subprocess.run([sys.executable, "-m", "setup_kit", "doctor", "--fix", "--yes", "--python", str(python),
+                           "--model", str(folder)], capture_output=True, text=True, timeout=1200,
+                          stdin=subprocess.DEVNULL)
+
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "Fixed: the doctor is clean" in out and "Traceback" not in out
+    assert f"transformers {cached_transformers} -> {transformers}" in out  # the plan, shown
+    passed, exception, _ = run_oracle(python, folder)
+    assert passed, exception
+    assert version(python, "torch") == torch
+    assert version(cached, "transformers") == cached_transformers  # the cached venv is untouched
