@@ -272,6 +272,10 @@ def main():
         answer["stage"], answer["exception"] = "twin", describe(exc, remote)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if answer.get("exception"):  # name the user's folder, not the twin that is already gone
+        twin_dir = os.path.join(scratch, "twin")
+        for key in ("message", "code"):
+            answer["exception"][key] = answer["exception"][key].replace(twin_dir, request["folder"])
     answer["seconds"] = round(time.time() - started, 3)
     real_stdout.write(json.dumps(answer))
     real_stdout.flush()
