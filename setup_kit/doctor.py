@@ -144,14 +144,17 @@ def diagnose(python: str | None = None, model: str | Path | None = None, profile
     return Report(describe_target(ctx, ctx.profile_reason), run_checks(checks, ctx))
 
 
-def assumed_engine(target: str, env, engine: str | None) -> tuple[str, str]:
-    """(engine, why): the one given, else native where the kit runs, else remote-code."""
+def assumed_engine(target: str, env, engine: str | None) -> tuple[str | None, str]:
+    """(engine, why): the one given, else native where the kit runs, else remote-code. With env None
+    (the environment probe has not answered yet) None where that answer decides."""
     import sys
 
     if engine:
         return engine, "--engine"
-    if Path(target) == Path(sys.executable) or env.has("internlm-kit"):
+    if Path(target) == Path(sys.executable) or (env is not None and env.has("internlm-kit")):
         return "native", "internlm-kit runs in this interpreter; its chat uses the native engine"
+    if env is None:  # not known before the environment probe answers
+        return None, ""
     return "remote-code", ("internlm-kit is not installed in this interpreter, so what runs there is the "
                            "model's own code (trust_remote_code, as in the tutorial)")
 
@@ -188,18 +191,28 @@ def gather(target: str, checks, model, torch_process, started: list, engine: str
             ctx.model = inspect_model_folder(ctx.model_path)
         imports = None
         items = remote_code_imports(ctx.model) if "imports" in needs else []
+
+        def rehearse(chosen: str):
+            if "rehearsal" in needs and ctx.model is not None and bool(ctx.model.config) and (
+                    chosen == "native" or ctx.model.uses_remote_code):
+                # One subprocess: the import check rides along with the rehearsal.
+                process = rehearsal.start(target, ctx.model_path, chosen, dtype,
+                                          "cpu" if device == "cpu" else "auto", rehearsal_timeout(), items)
+                started.append(process[0])
+                return process
+            return None
+
+        # Start the rehearsal (the slowest probe) as soon as the engine is known: before the environment
+        # probe answers, unless that answer decides the engine.
+        chosen, ctx.engine_reason = assumed_engine(target, None, engine)
+        rehearsing = rehearse(chosen) if chosen else None
         ctx.env = probe.environment_from(env_process, target)  # raises (exit 2) if the target cannot run it
-        chosen, ctx.engine_reason = assumed_engine(target, ctx.env, engine)
+        if chosen is None:
+            chosen, ctx.engine_reason = assumed_engine(target, ctx.env, engine)
+            rehearsing = rehearse(chosen)
         if chosen == "remote-code":  # native leaves it unset: every package the model may need is still checked
             ctx.engine = chosen
-        rehearsing = None
-        if "rehearsal" in needs and ctx.model is not None and bool(ctx.model.config) and (
-                chosen == "native" or ctx.model.uses_remote_code):
-            # One subprocess: the import check rides along with the rehearsal.
-            rehearsing = rehearsal.start(target, ctx.model_path, chosen, dtype,
-                                         "cpu" if device == "cpu" else "auto", rehearsal_timeout(), items)
-            started.append(rehearsing[0])
-        elif items:
+        if rehearsing is None and items:
             imports = probe.start_imports(target, items)
             started.append(imports[0])
         ctx.gpu = gpu_future.result() if gpu_future else None

@@ -44,7 +44,7 @@ def test_fix_yes_leaves_an_environment_where_the_tutorials_steps_run(env, revisi
     torch = version(python, "torch")
 
     done = subprocess.run([sys.executable, "-m", "setup_kit", "doctor", "--fix", "--yes", "--python", str(python),
-                           "--model", str(folder)], capture_output=True, text=True, timeout=1200,
+                           "--model", str(folder), "--engine", "remote-code"], capture_output=True, text=True, timeout=1200,
                           stdin=subprocess.DEVNULL)
 
     out = done.stdout + done.stderr

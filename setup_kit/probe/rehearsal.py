@@ -84,12 +84,19 @@ def start(python: str, folder, engine: str, dtype: str = "auto", device_map: str
         raise ValueError(f"engine {engine!r} is not one of {ENGINES}")
     request = {"mode": engine, "folder": str(folder), "dtype": dtype, "device_map": device_map,
                "imports": imports or [], "timeout": max(5.0, timeout / 3)}
-    return start_script(python, "rehearse_script.py", stdin=True), request, engine, timeout, time.perf_counter()
+    process = start_script(python, "rehearse_script.py", stdin=True)
+    try:  # the request goes now, so the rehearsal works while the caller waits on other probes
+        process.stdin.write(json.dumps(request))
+        process.stdin.close()
+    except (BrokenPipeError, OSError):
+        pass  # it died at start: result() reports how
+    process.stdin = None
+    return process, request, engine, timeout, time.perf_counter()
 
 
 def result(started) -> RehearsalResult:
     process, request, engine, timeout, began = started
-    status, out, err = finish(process, timeout, json.dumps(request))
+    status, out, err = finish(process, max(1.0, timeout - (time.perf_counter() - began)))
     seconds = time.perf_counter() - began
     if status == "timeout":
         return RehearsalResult(engine, False, "timeout", message=f"the rehearsal did not finish within "
