@@ -53,7 +53,7 @@ def test_a_vocabulary_too_small_for_the_chat_tokens_fails_the_native_rehearsal(t
     native = check(report, "model.rehearsal.native")
     assert proc.returncode == 1 and native["status"] == "fail", native
     assert "native load fails: ModelFolderError" in native["summary"]  # the engine's own refusal, as chat says it
-    assert "has 512 tokens but" in native["summary"] and str(folder) in native["summary"]
+    assert f"has {config['vocab_size'] + 6} tokens but" in native["summary"] and str(folder) in native["summary"]
     assert "internlm-kit-rehearsal-" not in native["summary"]  # the user's folder, not the twin
 
 
