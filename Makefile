@@ -27,10 +27,14 @@ PROFILE_ARG := $(if $(filter-out auto,$(strip $(PROFILE))),--profile $(strip $(P
 .PHONY: setup test test-fast chat serve doctor bench clean chromium
 
 # The stamp holds the profile the venv was set up with: naming another one on an existing venv
-# installs it there (snapshotted, so `internlm-kit install --rollback` undoes it).
+# installs it there (snapshotted, so `internlm-kit install --rollback` undoes it). A named profile
+# is also installed whenever the venv no longer has its pins (after `install --rollback`, say):
+# the stamp alone would say it is already there.
 setup: $(VENV)/.installed chromium
 ifneq ($(strip $(PROFILE)),)
-	@if [ "$$(cat $(VENV)/.installed)" != "$(strip $(PROFILE))" ]; then \
+	@if [ "$$(cat $(VENV)/.installed)" != "$(strip $(PROFILE))" ] \
+	  || { [ "$(strip $(PROFILE))" != auto ] \
+	       && ! $(BIN)/python -m setup_kit.profiles "$(strip $(PROFILE))" 2>/dev/null; }; then \
 	  $(BIN)/internlm-kit install $(PROFILE_ARG) --python $(BIN)/python --yes \
 	  && $(BIN)/python -m pip install -q -e ".[chat,serve,test]" \
 	  && echo "$(strip $(PROFILE))" > $(VENV)/.installed; \

@@ -112,3 +112,38 @@ def load_profile(name_or_path: str) -> Profile:
         raise UsageError(f"There is no profile named '{name_or_path}' (known: {known}).",
                          "Run `internlm-kit install --list-profiles`, or pass a path to a .toml profile.")
     return profiles[name_or_path]
+
+
+def unmet_pins(profile: Profile, installed_version=None) -> list[Pin]:
+    """The profile's pins this interpreter does not satisfy (missing or another version).
+
+    `make setup` asks this instead of trusting its stamp, so a venv changed behind the stamp's back
+    (`install --rollback`, a stray `pip install`) is installed again."""
+    from importlib import metadata
+
+    from packaging.specifiers import SpecifierSet
+
+    def version_of(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    version_of = installed_version or version_of
+    unmet = []
+    for pin in profile.pins:
+        have = version_of(pin.name)
+        # `==2.1.2` accepts the local build 2.1.2+cu121, as pip does.
+        if have is None or not SpecifierSet(f"=={pin.version}").contains(have, prereleases=True):
+            unmet.append(pin)
+    return unmet
+
+
+if __name__ == "__main__":
+    # `python -m setup_kit.profiles NAME`: exit 0 when this interpreter satisfies the profile.
+    import sys
+
+    missing = unmet_pins(load_profile(sys.argv[1]))
+    for pin in missing:
+        print(f"{pin.requirement} is not installed", file=sys.stderr)
+    sys.exit(1 if missing else 0)

@@ -176,3 +176,42 @@ def test_make_serve_ends_as_the_kit_ends_after_ctrl_c(tiny_internlm2_dir, tmp_pa
     shown = child.before
     assert child.exitstatus == 0, shown
     assert "make:" not in shown and "Interrupt" not in shown and "Traceback" not in shown
+
+
+def _venv_behind_a_stamp(tmp_path: Path, stamp: str) -> tuple[Path, Path]:
+    """A venv whose stamp says `stamp`, whose python is the dev venv's (so it has the dev stack, not
+    the profile's) and whose pip and internlm-kit only record what they were asked to do."""
+    venv, log = tmp_path / "venv", tmp_path / "calls.log"
+    (venv / "bin").mkdir(parents=True)
+    (venv / ".installed").write_text(stamp + "\n")
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nif [ "$1 $2" = "-m pip" ]; then echo "pip $*" >> {log}; exit 0; fi\n'
+                      f'exec {sys.executable} "$@"\n')
+    kit = venv / "bin" / "internlm-kit"
+    kit.write_text(f'#!/bin/sh\necho "kit $*" >> {log}\n')
+    python.chmod(0o755), kit.chmod(0o755)
+    return venv, log
+
+
+def test_make_setup_installs_the_profile_again_when_the_venv_lost_it_whatever_the_stamp_says(tmp_path):
+    # After `internlm-kit install --rollback` the stamp still says tutorial; the venv does not.
+    venv, log = _venv_behind_a_stamp(tmp_path, "tutorial")
+    env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"}
+    done = subprocess.run(["make", "-C", str(ROOT), "--no-print-directory", "setup", "PROFILE=tutorial",
+                           f"VENV={venv}", "-o", f"{venv}/.installed", "-o", "chromium"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = log.read_text().splitlines()
+    assert any(c.startswith("kit install --profile tutorial") for c in calls), calls
+    assert (venv / ".installed").read_text().strip() == "tutorial"
+
+
+def test_a_venv_with_every_pin_of_the_profile_needs_nothing_and_a_local_build_counts():
+    from setup_kit.profiles import load_profile, unmet_pins
+
+    tutorial = load_profile("tutorial")
+    versions = {p.name: p.version for p in tutorial.pins}
+    versions["torch"] += "+cu121"
+    assert unmet_pins(tutorial, versions.get) == []
+    versions["transformers"] = "5.24.0"
+    assert [p.name for p in unmet_pins(tutorial, versions.get)] == ["transformers"]
