@@ -15,7 +15,7 @@ from setup_kit.checks.packages import ENGINE_PACKAGES  # noqa: F401  (re-exporte
 from setup_kit.report import Report
 
 PREFLIGHT_CHECKS = {
-    "native": ("packages.required", "packages.dependencies", "gpu.memory", "gpu.bf16",
+    "native": ("packages.required", "packages.dependencies", "packages.transformers-range", "gpu.memory", "gpu.bf16",
                "model.config", "model.tokenizer", "model.weights"),
     "remote-code": ("packages.required", "packages.dependencies", "known-issues", "gpu.memory", "gpu.bf16",
                     "model.config", "model.tokenizer", "model.weights", "model.remote-code", "model.folder-name"),

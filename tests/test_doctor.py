@@ -88,7 +88,7 @@ def test_list_checks_names_every_stable_id():
     assert result.returncode == 0
     ids = [line.split()[0] for line in result.stdout.splitlines()]
     assert ids == ["python.version", "packages.required", "packages.pins", "packages.dependencies",
-                   "known-issues", "torch.import", "torch.cuda-vs-gpu", "torch.cuda-vs-driver", "gpu.memory",
+                   "known-issues", "packages.transformers-range", "torch.import", "torch.cuda-vs-gpu", "torch.cuda-vs-driver", "gpu.memory",
                    "gpu.bf16", "system.disk", "system.ram", "hf.env", "model.config", "model.tokenizer",
                    "model.weights", "model.remote-code", "model.folder-name", "model.remote-code-imports",
                    "model.rehearsal.remote-code", "model.rehearsal.native"]
@@ -355,9 +355,11 @@ def test_preflight_is_fast_imports_no_torch_and_checks_what_the_engine_needs(tmp
     assert out["torch"] is False
     assert out["seconds"] < 1.0
     checks = by_id(out["report"])
-    assert list(checks) == ["packages.required", "packages.dependencies", "gpu.memory", "gpu.bf16",
+    assert list(checks) == ["packages.required", "packages.dependencies", "packages.transformers-range",
+                            "gpu.memory", "gpu.bf16",
                             "model.config", "model.tokenizer", "model.weights"]
     assert checks["packages.required"]["status"] == "ok"
+    assert checks["packages.transformers-range"]["status"] == "ok"  # the dev stack is within the range
     assert checks["gpu.bf16"]["status"] == "fail"  # bfloat16 asked for on a T4
     assert out["report"]["ok"] is False
 

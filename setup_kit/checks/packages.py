@@ -202,3 +202,39 @@ def known_issues(ctx: Context) -> Result:
     severity = "fail" if blocking else "warn"
     summary = f"{count(len(matched), 'known failure')} match{'es' if len(matched) == 1 else ''}: {matched[0].symptom}"
     return (fail if severity == "fail" else warn)(summary, "\n".join(dict.fromkeys(fixes)), *details)
+
+
+def supported_transformers(requires: list[str] | None = None) -> SpecifierSet | None:
+    """The transformers range the kit supports, as its own metadata says (pyproject.toml's `chat`
+    extra, the one place it is written)."""
+    if requires is None:
+        from importlib import metadata
+
+        try:
+            requires = metadata.requires("internlm-kit") or []
+        except metadata.PackageNotFoundError:
+            return None
+    for line in requires:
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if canonicalize_name(req.name) == "transformers":
+            return req.specifier
+    return None
+
+
+@check("packages.transformers-range", ENV, "transformers within the range the kit supports", needs=("env",))
+def transformers_range(ctx: Context) -> Result:
+    installed = ctx.env.version("transformers")
+    supported = supported_transformers()
+    if installed is None or supported is None:
+        return skip("transformers is not installed" if installed is None else "the kit's metadata is not readable")
+    if supported.contains(installed, prereleases=True):
+        return ok(f"transformers {installed} is within {supported}")
+    if ctx.engine not in (None, "native"):
+        return warn(f"transformers {installed} is outside {supported}, the range the native engine supports",
+                    pip_install(ctx.python, [f"transformers{supported}"]))
+    return fail(f"transformers {installed} is outside {supported}: the native engine needs the Llama layout, "
+                "cache and mask APIs of these releases (older ones lack them; newer ones are untested)",
+                pip_install(ctx.python, [f"transformers{supported}"]))
