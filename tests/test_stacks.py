@@ -23,13 +23,13 @@ def long_context_dir(tmp_path_factory) -> Path:
                                 rope_scaling={"type": "dynamic", "factor": 2.0})
 
 
-def chat(python: Path, model: Path, state: Path) -> tuple[dict, int]:
+def chat(python: Path, model: Path, state: Path, prompt: str = "Hello, 你好") -> tuple[dict, int]:
     """(the --json reply, the peak resident memory in KiB of the chat process)."""
     code = ("import json, resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True);"
             "print(r.stdout, r.stderr, file=sys.stderr); print(json.dumps([r.returncode, r.stdout,"
             " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))")
     run = subprocess.run([sys.executable, "-c", code, str(python), "-m", "setup_kit", "chat", "--model", str(model),
-                          "--greedy", "--max-new-tokens", "16", "--prompt", "Hello, 你好", "--json"],
+                          "--greedy", "--max-new-tokens", "16", "--prompt", prompt, "--json"],
                          capture_output=True, text=True, timeout=300,
                          env={**os.environ, "INTERNLM_KIT_STATE_DIR": str(state)})
     rc, out, peak = json.loads(run.stdout.strip().splitlines()[-1])
@@ -46,6 +46,20 @@ def test_chat_on_each_stack_matches_the_developers_stack(release, long_context_d
     assert other["reply"] == dev["reply"] and other["completion_tokens"] == 16
     assert other["prompt_tokens"] == dev["prompt_tokens"]
     assert other_peak < 1.2 * dev_peak, (other_peak, dev_peak)  # 4.38's full mask alone was 1 GiB+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("release", list(STACKS))
+def test_a_long_prompt_on_each_stack_gets_the_developers_reply(release, long_context_dir, tmp_path):
+    """Past 512 tokens 4.38 prefills in chunks (its attention is quadratic in one forward's length):
+    the chunked prompt must give the reply the whole one does."""
+    prompt = " ".join(f"step {n}: paint the {'red' if n % 3 else 'blue'} house" for n in range(150))
+    state = tmp_path / "state"
+    dev, _ = chat(Path(sys.executable), long_context_dir, state, prompt)
+    other, _ = chat(stack_venv(release), long_context_dir, state, prompt)
+    assert dev["prompt_tokens"] > 1024, dev  # three chunks and more
+    assert other["prompt_tokens"] == dev["prompt_tokens"]
+    assert other["reply"] == dev["reply"] and other["completion_tokens"] == 16
 
 
 def serve_replies(python: Path, model: Path, tmp_path: Path) -> tuple[str, str]:

@@ -19,9 +19,11 @@ else:  # pragma: no cover
 GPU = "PyTorch and GPU"
 TORCH_INDEX = "https://download.pytorch.org/whl/cu{}"
 DEFAULT_PARAMETERS = 1_889_110_016  # internlm2-chat-1_8b
-DEFAULT_KV_BYTES_PER_TOKEN = 24 * 2 * 8 * 128  # layers x (k, v) x KV heads x head_dim, per byte of dtype
+# internlm2-chat-1_8b's shape, for the estimate when no folder is given
+DEFAULT_CONFIG = {"num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 8,
+                  "hidden_size": 2048, "intermediate_size": 8192, "max_position_embeddings": 32768}
 CONTEXT_TOKENS = 4096  # the KV cache the memory estimate leaves room for
-OVERHEAD_BYTES = 1 << 30  # CUDA context and activations
+OVERHEAD_BYTES = 1 << 30  # on a GPU: the CUDA context and the allocator's slack
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -210,19 +212,61 @@ def resolved_dtype(ctx: Context, gpus) -> str:
     return "float16"
 
 
-def model_bytes(ctx: Context, dtype: str) -> tuple[int, str]:
-    """Weights in `dtype` plus a KV cache of CONTEXT_TOKENS and overhead; and how it was estimated."""
+# What the native engine holds besides weights and KV cache, measured with `chat --prompt` on a
+# 32768-token config (tests/test_memory_estimate.py and benchmarks/stack_speed.py hold the estimate
+# against a measured peak on transformers 4.38.2, 4.46.3 and 5.x):
+RUNTIME_BYTES = 512 << 20  # CPU: Python, torch, transformers and the kit (370-450 MiB with a 0.3M-parameter model)
+ACTIVATION_FACTOR = 10  # a prompt's forward peaks at about 8.6 x tokens x (hidden + intermediate) values (4.46.3)
+
+
+def memory_estimate(config: dict, params: int, dtype_bytes: int, tokens: int, *, on_cpu: bool,
+                    largest_shard: int = 0) -> dict[str, int]:
+    """Bytes the native engine holds at its peak with a context of `tokens` tokens, by part; the
+    peak is their sum.
+
+    weights: params x dtype; kv: the KV cache of `tokens` (layers x 2 x KV heads x head dim);
+    activations: one forward over a prompt of `tokens` at once (linear in tokens on every
+    supported release: the engine builds masks for the tokens at hand, and prefills in 512-token
+    chunks on 4.38/4.39, whose attention takes a float mask); loading: a shard's pages, mapped
+    while its tensors are copied (only where that is more than kv + activations, which come
+    later); runtime: the CPU process without a model, or on a GPU the CUDA context.
+    """
+    config = config if config.get("hidden_size") else DEFAULT_CONFIG
+    heads = config.get("num_attention_heads") or DEFAULT_CONFIG["num_attention_heads"]
+    hidden = config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    layers = config.get("num_hidden_layers") or DEFAULT_CONFIG["num_hidden_layers"]
+    intermediate = config.get("intermediate_size") or 4 * hidden
+    kv = layers * 2 * kv_heads * head_dim * dtype_bytes * tokens
+    activations = ACTIVATION_FACTOR * tokens * (hidden + intermediate) * dtype_bytes
+    return {
+        "weights": params * dtype_bytes,
+        "kv": kv,
+        "activations": activations,
+        "loading": max(0, largest_shard - kv - activations) if on_cpu else 0,
+        "runtime": RUNTIME_BYTES if on_cpu else OVERHEAD_BYTES,
+    }
+
+
+def model_bytes(ctx: Context, dtype: str, *, on_cpu: bool = False) -> tuple[int, str]:
+    """What the native engine needs for the folder (or internlm2-chat-1_8b) in `dtype` with a
+    context of CONTEXT_TOKENS; and how it was estimated."""
     size = DTYPE_BYTES.get(dtype, 2)
-    params = ctx.model.parameters if ctx.model and ctx.model.parameters else DEFAULT_PARAMETERS
-    kv = DEFAULT_KV_BYTES_PER_TOKEN
-    config = ctx.model.config if ctx.model else {}
-    if config.get("num_hidden_layers") and config.get("num_attention_heads"):
-        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-        kv = config["num_hidden_layers"] * 2 * config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
-    total = params * size + kv * size * CONTEXT_TOKENS + OVERHEAD_BYTES
-    source = "the model folder's shards" if ctx.model and ctx.model.parameters else "internlm2-chat-1_8b"
-    return total, f"{parameters(params)} ({source}) x {size} bytes ({dtype}) + KV cache for " \
-                  f"{CONTEXT_TOKENS} tokens + 1 GiB overhead"
+    model = ctx.model
+    params = model.parameters if model and model.parameters else DEFAULT_PARAMETERS
+    config = model.config if model and model.config else {}
+    tokens = min(CONTEXT_TOKENS, int(config.get("max_position_embeddings") or CONTEXT_TOKENS))
+    shard = max((w.size for w in model.weight_files), default=0) if model else 2 * 2**30
+    parts = memory_estimate(config, params, size, tokens, on_cpu=on_cpu, largest_shard=shard)
+    source = "the model folder's shards" if model and model.parameters else "internlm2-chat-1_8b"
+    how = (f"{parameters(params)} ({source}) x {size} bytes ({dtype}) = {gib(parts['weights'])}"
+           f" + KV cache for {tokens} tokens {gib(parts['kv'])} + a {tokens}-token prompt's forward "
+           f"{gib(parts['activations'])}"
+           + (f" + a shard being loaded {gib(parts['loading'])}" if parts["loading"] else "")
+           + (f" + Python, torch and transformers {gib(parts['runtime'])}" if on_cpu
+              else f" + CUDA context {gib(parts['runtime'])}"))
+    return sum(parts.values()), how
 
 
 def gib(n: float) -> str:

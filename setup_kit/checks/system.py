@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from setup_kit.checks.base import Context, Result, check, fail, ok, warn
-from setup_kit.checks.gpu import DEFAULT_PARAMETERS, gib
+from setup_kit.checks.gpu import DEFAULT_PARAMETERS, DTYPE_BYTES, gib, model_bytes
 
 SYSTEM = "System"
 HF = "Hugging Face"
@@ -81,14 +81,22 @@ def memory_info() -> tuple[int, int]:
 def ram(ctx: Context) -> Result:
     total, available = memory_info()
     on_gpu = ctx.gpu is not None and bool(ctx.gpu.gpus) and ctx.device != "cpu"
-    need = (MARGIN * 2) if on_gpu else _weights_bytes(ctx) + MARGIN
+    if on_gpu:
+        need, how = MARGIN * 2, "loading onto the GPU goes through RAM one shard at a time"
+    else:  # the native engine's CPU default is fp32
+        need, how = model_bytes(ctx, ctx.dtype if ctx.dtype in DTYPE_BYTES else "float32", on_cpu=True)
     where = "to load onto the GPU" if on_gpu else "to run on the CPU"
     summary = f"{gib(available)} available of {gib(total)}; ~{gib(need)} needed {where}"
     if available >= need:
-        return ok(summary)
+        return ok(summary, how)
     if total >= need:
-        return warn(summary, "Close other programs to free memory before loading the model.")
-    return fail(summary, "Use a machine with more RAM, or a GPU: internlm-kit chat --device cuda")
+        return warn(summary, "Close other programs to free memory before loading the model.", how)
+    fix = "Use a machine with more RAM, or a GPU: internlm-kit chat --device cuda"
+    if not on_gpu and ctx.dtype in ("auto", "float32"):
+        half, _ = model_bytes(ctx, "bfloat16", on_cpu=True)
+        if half <= available:
+            fix = f"Load in bfloat16 (~{gib(half)}, slower per token on most CPUs): internlm-kit chat --dtype bf16"
+    return fail(summary, fix, how)
 
 
 @check("hf.env", HF, "Hugging Face and CUDA environment variables", needs=("env", "gpu"))

@@ -122,6 +122,9 @@ def _mask_for_tokens(self, attention_mask, input_tensor):
     if attention_mask is not None and attention_mask.dim() == 4:
         return _additive(attention_mask, dtype)
     batch, length = input_tensor.shape[:2]
+    if attention_mask is None and length == 1:
+        return None  # a decode step: 4.38's attention then attends to every key, as it should
+
     keys = max(length, attention_mask.shape[-1] if attention_mask is not None else 0)
     allowed = torch.ones(keys, keys, dtype=torch.bool, device=input_tensor.device).tril()[None, None]
     allowed = allowed.expand(batch, 1, keys, keys)
@@ -152,19 +155,44 @@ def cache_length(cache) -> int:
     return int(cache.get_seq_length())
 
 
+PREFILL_CHUNK = 512  # tokens per forward of a long prompt on a full-mask release
+
+
 def forward(model, input_ids, cache=None, *, position_ids=None, attention_mask=None):
     """(logits of the last position [batch, vocab], the cache to pass next time).
 
     `attention_mask`: None (causal over the cache and the new tokens), or a 4D bool mask
     [batch, 1, new tokens, cached + new tokens] (True: may attend).
+
+    On a full-mask release (4.38) a long prompt without a mask of the caller's goes through in
+    chunks of PREFILL_CHUNK tokens: its attention takes a float mask and materialises
+    heads x queries x keys scores, quadratic in one forward's length (a 9,500-token prompt cost
+    1.4 GB more than on 4.46); chunked, that is queries <= PREFILL_CHUNK, as linear as 4.46+.
     """
     import torch
 
     call = call_for(model)
+    new = input_ids.shape[1]
+    if call.full_mask and attention_mask is None and new > PREFILL_CHUNK:
+        if position_ids is None:
+            past = cache_length(cache)
+            position_ids = torch.arange(past, past + new, device=input_ids.device)[None]
+        for start in range(0, new, PREFILL_CHUNK):
+            piece = slice(start, start + PREFILL_CHUNK)
+            logits, cache = _forward_once(model, call, input_ids[:, piece], cache, position_ids[:, piece], None)
+        return logits, cache
+    return _forward_once(model, call, input_ids, cache, position_ids, attention_mask)
+
+
+def _forward_once(model, call, input_ids, cache, position_ids, attention_mask):
+    import torch
+
     kwargs = {call.cache_kw: cache, "use_cache": True}
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
-    if call.full_mask:
+    if call.full_mask and attention_mask is None and input_ids.shape[1] == 1:
+        pass  # one new token sees every cached one: no mask at all (see _mask_for_tokens)
+    elif call.full_mask:
         past, new = cache_length(cache), input_ids.shape[1]
         device = input_ids.device
         if attention_mask is None:
