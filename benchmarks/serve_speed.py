@@ -3,6 +3,11 @@ against bare `model.generate` in one process and against `transformers serve` wi
 `--continuous-batching`, on the same model, with the same requests, in the same run.
 
     .venv/bin/python benchmarks/serve_speed.py [--new-tokens 256] [--clients 1 4 8] [--threads 0]
+    .venv/bin/python benchmarks/serve_speed.py --stack 4.46.3 --clients 1 4   # on a profile's transformers
+
+With --stack RELEASE the server and bare generate run in the test suite's cached venv of that
+transformers release (tests/fixtures/venvs.py STACKS: 4.38.2, 4.46.3, 4.57.6; built if missing),
+the model prepared here; `transformers serve` is left out there (4.x has none).
 
 The model is the chat benchmark's "tiny but not trivial" shape (tests/fixtures/models.py: 8 layers,
 hidden 512, random weights, fp32 on CPU), converted to the Llama layout so that all three load the
@@ -41,8 +46,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from fixtures.models import build_bench_internlm2  # noqa: E402
-
 CANDIDATES = [
     "Please tell me a story about a small robot who learns to paint, with many details.",
     "Explain how a bicycle stays upright, step by step.",
@@ -76,6 +79,7 @@ def prepare_model(tmp: Path) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
+    from fixtures.models import build_bench_internlm2
     from setup_kit.convert import convert_checkpoint
 
     source = build_bench_internlm2(tmp / "bench-internlm2", max_position_embeddings=2048)
@@ -242,6 +246,22 @@ def measure_server(name, argv, port, model_name, env, log, bare, client_counts, 
         stop(process)
 
 
+def run_on_stack(args) -> int:
+    """Prepare the model with this interpreter's test fixtures, then measure in the stack's venv."""
+    from fixtures.venvs import stack_venv
+
+    python = stack_venv(args.stack)
+    with tempfile.TemporaryDirectory(prefix="serve-bench-stack-") as tmp:
+        model_dir = prepare_model(Path(tmp))
+        argv = [str(python), __file__, "--model-dir", str(model_dir), "--skip-transformers",
+                "--new-tokens", str(args.new_tokens), "--rounds", str(args.rounds), "--threads", str(args.threads),
+                "--clients", *map(str, args.clients)]
+        version = subprocess.run([str(python), "-c", "import transformers; print(transformers.__version__)"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        print(f"on transformers {version} ({python})", file=sys.stderr, flush=True)
+        return subprocess.run(argv).returncode
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=256)
@@ -249,7 +269,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads everywhere (0: torch's default)")
     parser.add_argument("--skip-transformers", action="store_true", help="measure the kit's server only")
+    parser.add_argument("--stack", metavar="RELEASE", help="run in the cached venv of this transformers release")
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)  # prepared by the --stack parent
     args = parser.parse_args()
+    if args.stack:
+        return run_on_stack(args)
 
     import httpx
     import torch
@@ -265,7 +289,7 @@ def main() -> int:
         tmp = Path(tmp_name)
         env["INTERNLM_KIT_STATE_DIR"] = str(tmp / "state")
         os.environ["INTERNLM_KIT_STATE_DIR"] = env["INTERNLM_KIT_STATE_DIR"]
-        model_dir = prepare_model(tmp)
+        model_dir = args.model_dir or prepare_model(tmp)
         print(f"model: {model_dir.name} (8 layers, hidden 512), CPU fp32, torch threads "
               f"{torch.get_num_threads()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
               file=sys.stderr, flush=True)

@@ -111,6 +111,50 @@ def test_serve_on_each_stack_answers_as_on_the_developers_stack(release, tiny_in
     assert other == dev and other[0] == other[1]
 
 
+def batched_and_lone(python: Path, model: Path, tmp_path: Path) -> tuple[list[str], list[str]]:
+    """A real `internlm-kit serve` in that interpreter: (three greedy replies asked at once, the same
+    three asked one at a time). At once they are batched: left-padded prompts, a padding mask, and a
+    batch that shrinks as replies end, all through the compatibility layer."""
+    import httpx
+    from concurrent.futures import ThreadPoolExecutor
+
+    port = free_port()
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    log = tmp_path / f"serve-{port}.log"
+    prompts = ["Hi", "Tell me about the river and the red house, please.", "你好, how are you today?"]
+    with open(log, "w") as out:
+        process = subprocess.Popen([str(python), "-m", "setup_kit", "serve", "--model", str(model), "--port",
+                                    str(port), "--device", "cpu", "--dtype", "fp32", "--threads", "1",
+                                    "--skip-checks", "--system", ""], stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "INTERNLM_KIT_STATE_DIR": str(tmp_path / "state")})
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{base}/health", process, 180, log)
+
+        def ask(index: int) -> str:
+            body = {"model": model.name, "messages": [{"role": "user", "content": prompts[index]}],
+                    "max_tokens": 8 + 6 * index, "temperature": 0}
+            answer = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
+            assert answer.status_code == 200, (answer.text, log.read_text())
+            return answer.json()["choices"][0]["message"]["content"]
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            together = list(pool.map(ask, range(len(prompts))))
+        alone = [ask(i) for i in range(len(prompts))]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert "Traceback" not in log.read_text(), log.read_text()
+    return together, alone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("release", list(STACKS))
+def test_serve_batches_on_each_stack_as_it_answers_alone(release, tiny_internlm2_dir, tmp_path):
+    together, alone = batched_and_lone(stack_venv(release), tiny_internlm2_dir, tmp_path)
+    assert together == alone
+
+
 LOAD_CONVERTED = """
 import sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -249,6 +249,16 @@ def cache_of_layers(layers):
 
 
 @lru_cache(maxsize=1)
+def layer_cache_masks_itself() -> bool:
+    """Whether a `cache_of_layers` cache may go without an attention mask (no padding): before 4.56
+    it is the kit's own Cache class, whose get_seq_length the model's causal masking reads; 4.56+
+    caches ask each layer its type first, and there the caller passes its mask."""
+    from transformers.cache_utils import Cache
+
+    return "layers" not in inspect.signature(Cache.__init__).parameters
+
+
+@lru_cache(maxsize=1)
 def _layer_list_cache_class():
     from transformers.cache_utils import Cache, StaticCache
 
