@@ -170,7 +170,15 @@ def make_plan(report, ctx, broken: dict[str, str]) -> FixPlan:
     from setup_kit.checks.fixes import FIXERS
 
     plan = FixPlan()
-    for result in failing(report):
+    failed = failing(report)
+    # A failed rehearsal whose fix installs packages came from the real exception (a known-issue rule
+    # matched on it); the import check's fix for the same code guesses from a version rule and can
+    # name another stack (an accelerate that breaks the import is not transformers' fault).
+    rehearsal_fixes = any(r.id.startswith("model.rehearsal") and pip_requirements(r.fix) for r in failed)
+    for result in failed:
+        if rehearsal_fixes and result.id == "model.remote-code-imports":
+            plan.why.append("model.remote-code-imports fails too; the rehearsal's fix, found from the real exception, covers it")
+            continue
         repair = FIXERS[result.id](ctx, result) if result.id in FIXERS else pip_requirements(result.fix)
         for requirement in repair.get("requirements", []):
             plan.requirements.setdefault(requirement, result.id)
@@ -178,6 +186,16 @@ def make_plan(report, ctx, broken: dict[str, str]) -> FixPlan:
             plan.downloads.append((result.id, *repair["download"]))
         if not repair.get("requirements") and "download" not in repair:
             plan.steps.append((result.id, result.fix or result.summary))
+    from packaging.requirements import Requirement
+
+    if broken:
+        modules = import_modules(ctx.env)
+        named = {Requirement(r).name.lower() for r in plan.requirements}
+        # A check already names a version of a distribution whose import fails (accelerate, through
+        # which transformers fails too): that one, not a second version found by trying releases; the
+        # doctor run after the install proves it.
+        if any(modules.get(m, m).lower() in named for m in broken):
+            broken = {}
     if broken:
         found = prove_older(ctx, broken)
         if found:
@@ -186,8 +204,6 @@ def make_plan(report, ctx, broken: dict[str, str]) -> FixPlan:
                          for name, problem in broken.items()]
         else:
             plan.steps += [("packages.import", f"`import {name}` fails: {problem}") for name, problem in broken.items()]
-    from packaging.requirements import Requirement
-
     wanted = {Requirement(r).name.lower() for r in plan.requirements}
     torch = ctx.env.version("torch")
     if torch and plan.requirements and "torch" not in wanted:
