@@ -180,3 +180,21 @@ def test_the_stand_in_is_refused_like_the_hubs_code_on_current_transformers(tiny
                           "--model", str(tiny_remote_code_dir), "--prompt", "hi"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert_one_paragraph(run, 1, "pre-flight", "--engine native")
+
+
+def test_remote_code_whose_own_tokenizer_misses_the_model_is_one_paragraph(revision_folders, tmp_path):
+    """On 5.x the early-2024 code imports and loads, but transformers builds the tokenizer itself and gives the
+    chat tokens new ids past the vocabulary: the first reply would die with an IndexError in the model, which
+    the kit once reported as a bug of its own. It is said before any reply, with the fix (issue 9)."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version("5"):
+        pytest.skip("4.x maps the chat tokens onto the pieces they rename")
+    env = {**os.environ, "INTERNLM_KIT_STATE_DIR": str(tmp_path / "state")}
+    run = subprocess.run([sys.executable, "-m", "setup_kit", "chat", "--engine", "remote-code",
+                          "--model", str(revision_folders["early-2024"]), "--prompt", "hi"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert_one_paragraph(run, 1, "does not fit the model", "<|im_start|>=", "transformers==4.46.3",
+                         "--engine native")
+    assert "bug in internlm-kit" not in run.stderr

@@ -62,6 +62,7 @@ def load_remote_code_model(model_dir: Path, device: str = "auto", dtype: str = "
                        fix=f"`internlm-kit doctor --model {folder.path}` names the cause; or chat "
                            f"without remote code: internlm-kit chat --engine native --model "
                            f"{folder.path}") from None
+    _check_chat_tokens(tokenizer, model, folder.path)
     model = model.to(device).eval()
     info = LoadInfo(model_dir=folder.path, layout="remote-code", device=device, dtype=dtype,
                     reason=reason, parameters=sum(p.numel() for p in model.parameters()),
@@ -69,6 +70,25 @@ def load_remote_code_model(model_dir: Path, device: str = "auto", dtype: str = "
                     context_window=int(getattr(model.config, "max_position_embeddings", 2048)),
                     eos_token_ids=eos_token_ids(model, tokenizer), gpu_name=gpu)
     return model, tokenizer, info
+
+
+def _check_chat_tokens(tokenizer, model, path: Path) -> None:
+    """The model's own tokenizer must give the chat tokens ids the model has rows for: on
+    transformers 5.x it gives them new ids past the vocabulary, and the first reply would die with
+    an IndexError deep in the model (the doctor's rehearsal finds the same)."""
+    import sys
+
+    from setup_kit.checks.known_issues import load_rules
+    from setup_kit.probe.rehearse_script import check_chat_tokens
+
+    problem, _ = check_chat_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])
+    if not problem:
+        return
+    rule = next((r for r in load_rules() if r.id == "remote-tokenizer-new-chat-token-ids"), None)
+    native = f"internlm-kit chat --engine native --model {path}"
+    raise KitError(f"The model's own tokenizer does not fit the model on this transformers: {problem}."
+                   + (f" {rule.cause}" if rule else ""),
+                   fix=rule.fix.format(python=sys.executable, model=path) if rule else native)
 
 
 class RemoteCodeEngine(NativeEngine):
