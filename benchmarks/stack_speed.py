@@ -7,7 +7,7 @@ made for that context), so the estimate is held against a measured peak.
 
     .venv/bin/python benchmarks/stack_speed.py [--runs 3] [--new-tokens 64] [--threads 2]
 
-The folder is the benchmark shape of tests/fixtures/models.py (8 layers, hidden 512, about 30M
+The folder is the benchmark shape of tests/fixtures/models.py (8 layers, hidden 512, about 26M
 parameters, fp32 on the CPU) with the real config's 32768-token context and dynamic RoPE scaling:
 on transformers 4.38 that context is what made LlamaModel build a 32768² mask on every forward
 (10 GB and seconds per token) before the kit's engine built the mask for the tokens at hand.
@@ -111,7 +111,7 @@ def main() -> int:
     base_peak = statistics.median(r["peak"] for r in runs[developers])
     base_decode = statistics.median(r["decode"] for r in runs[developers])
     replies = {name: {r["reply"] for r in rows} for name, rows in runs.items()}
-    print(f"chat --prompt on {model.name} (about 30M parameters, 32768-token config), fp32, {args.threads} threads, "
+    print(f"chat --prompt on {model.name} (about 26M parameters, 32768-token config), fp32, {args.threads} threads, "
           f"{args.new_tokens} new tokens greedy, medians of {args.runs} runs per stack\n")
     print("| transformers | peak RSS | vs 5.x | decode tok/s | vs 5.x | first token s | reply as 5.x "
           "| peak, 4096-token context | doctor's estimate for it |")
