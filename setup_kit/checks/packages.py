@@ -181,6 +181,7 @@ def known_issues(ctx: Context) -> Result:
     rules = load_rules()
     matched = match_rules(rules, ctx.env, ctx.model)
     details: list[str] = []
+    left: list = []  # rules left to model.remote-code-imports
     if any("statement" in r and not r["ok"] for r in ctx.imports or []):
         # model.remote-code-imports reports this transformers failing the remote code, with its fix:
         # a rule about the same code would count that cause twice.
@@ -197,8 +198,7 @@ def known_issues(ctx: Context) -> Result:
         details += [f"[{r.id}] predicted a failure of this remote code, but the rehearsal ran it here "
                     "(model.rehearsal.remote-code)" for r in ran]
     if not matched:
-        besides = " besides the remote code's (model.remote-code-imports)" if any(
-            "left to model.remote-code-imports" in d for d in details) else ""
+        besides = " besides the remote code's (model.remote-code-imports)" if left else ""
         return ok(f"none of the {len(rules)} known failures match this environment{besides}", *details)
     values = {"python": ctx.python, "model": str(ctx.model_path or "MODEL_DIR")}
     fixes = []

@@ -124,7 +124,6 @@ def _mask_for_tokens(self, attention_mask, input_tensor):
     batch, length = input_tensor.shape[:2]
     if attention_mask is None and length == 1:
         return None  # a decode step: 4.38's attention then attends to every key, as it should
-
     keys = max(length, attention_mask.shape[-1] if attention_mask is not None else 0)
     allowed = torch.ones(keys, keys, dtype=torch.bool, device=input_tensor.device).tril()[None, None]
     allowed = allowed.expand(batch, 1, keys, keys)
@@ -190,9 +189,10 @@ def _forward_once(model, call, input_ids, cache, position_ids, attention_mask):
     kwargs = {call.cache_kw: cache, "use_cache": True}
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
-    if call.full_mask and attention_mask is None and input_ids.shape[1] == 1:
-        pass  # one new token sees every cached one: no mask at all (see _mask_for_tokens)
-    elif call.full_mask:
+    # On a full-mask release one new token without a caller's mask sees every cached one: it gets no
+    # mask at all (see _mask_for_tokens); everything else gets the float mask of its rows.
+    decode_step = attention_mask is None and input_ids.shape[1] == 1
+    if call.full_mask and not decode_step:
         past, new = cache_length(cache), input_ids.shape[1]
         device = input_ids.device
         if attention_mask is None:
