@@ -22,10 +22,6 @@ order between runs; figures are medians. Stack venvs missing from the cache are 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import random
-import re
 import statistics
 import subprocess
 import sys
@@ -36,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
+from fixtures.memory_runs import chat_peak, doctor_ram_estimate, long_prompt  # noqa: E402
 from fixtures.models import build_bench_internlm2  # noqa: E402
 from fixtures.venvs import STACKS, stack_venv  # noqa: E402
 
@@ -47,41 +44,12 @@ def transformers_version(python: Path) -> str:
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
-def long_prompt() -> str:
-    """About 3,950 tokens with the fixture tokenizer (as tests/test_memory_estimate.py): a full
-    4096-token context, the one the doctor's estimate is made for."""
-    words = "the robot paints a small red house near the river and learns about colour light and shade".split()
-    rng = random.Random(0)
-    return " ".join(rng.choice(words) for _ in range(1160))
-
-
 def chat_once(python: Path, model: Path, state: Path, new_tokens: int, threads: int, prompt: str = PROMPT) -> dict:
     """One `chat --prompt` process: its reply figures and its peak RSS in bytes."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        process = subprocess.Popen([str(python), "-m", "setup_kit", "chat", "--model", str(model), "--device", "cpu",
-                                    "--dtype", "fp32", "--threads", str(threads), "--greedy", "--max-new-tokens",
-                                    str(new_tokens), "--prompt", prompt, "--json", "--skip-checks"],
-                                   stdout=out, stderr=err, env={**os.environ, "INTERNLM_KIT_STATE_DIR": str(state)})
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        if process.returncode != 0:
-            raise SystemExit(f"{python}: chat exited {process.returncode}:\n{err.read().decode()[-3000:]}")
-        reply = json.loads(out.read().decode().strip().splitlines()[-1])
+    reply, peak = chat_peak(python, model, state, prompt, new_tokens, "--threads", str(threads))
     decode = (reply["completion_tokens"] - 1) / max(1e-9, reply["seconds"] - reply["first_token_seconds"])
-    return {"peak": usage.ru_maxrss * 1024, "decode": decode, "tokens": reply["completion_tokens"],
+    return {"peak": peak, "decode": decode, "tokens": reply["completion_tokens"],
             "ttft": reply["first_token_seconds"], "reply": reply["reply"]}
-
-
-def doctor_estimate(python: Path, model: Path) -> str:
-    """The doctor's system.ram summary's estimate for the CPU in that interpreter ("~1.2 GiB")."""
-    done = subprocess.run([str(python), "-m", "setup_kit", "doctor", "--model", str(model), "--json"],
-                          capture_output=True, text=True)
-    report = json.loads(done.stdout)
-    summary = next(c["summary"] for c in report["checks"] if c["id"] == "system.ram")
-    found = re.search(r"~([\d.]+ GiB) needed", summary)
-    return found.group(1) if found else summary
 
 
 def main() -> int:
@@ -103,7 +71,7 @@ def main() -> int:
         for index in range(args.runs):
             for name in (order if index % 2 == 0 else order[::-1]):
                 runs[name].append(chat_once(pythons[name], model, state, args.new_tokens, args.threads))
-        estimates = {name: doctor_estimate(python, model) for name, python in pythons.items()}
+        estimates = {name: f"{doctor_ram_estimate(python, model)[0]:.1f} GiB" for name, python in pythons.items()}
         full = {name: chat_once(python, model, state, 8, args.threads, long_prompt())["peak"]
                 for name, python in pythons.items()}
 

@@ -8,24 +8,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from fixtures.rehearsal_fix_table import clone, version
 from fixtures.rehearsal_matrix import matrix_venv
 from fixtures.rehearsal_table import run_oracle
 
 pytestmark = pytest.mark.slow
-
-
-def clone(python: Path, dest: Path) -> Path:
-    subprocess.run(["cp", "-al", str(python.parent.parent), str(dest)], check=True, timeout=300)
-    return dest / "bin" / "python"
-
-
-def version(python: Path, name: str) -> str:
-    return subprocess.run([str(python), "-c", f"from importlib.metadata import version; print(version({name!r}))"],
-                          capture_output=True, text=True, check=True, timeout=60).stdout.strip()
 
 
 @pytest.mark.parametrize("env, revision, transformers", [

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.models import build_tiny_internlm2
-from fixtures.servers import free_port, wait_for_http
+from fixtures.servers import start_kit_serve, stop_process
 from fixtures.venvs import STACKS, stack_venv
 
 
@@ -67,24 +67,15 @@ def serve_replies(python: Path, model: Path, tmp_path: Path) -> tuple[str, str]:
     Every completion must succeed: on 4.x the scheduler once failed each one with a 500 while /health said ok."""
     import httpx
 
-    port = free_port()
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    log = tmp_path / f"serve-{port}.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen([str(python), "-m", "setup_kit", "serve", "--model", str(model), "--port",
-                                    str(port), "--device", "cpu", "--dtype", "fp32", "--threads", "1",
-                                    "--skip-checks"], stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "INTERNLM_KIT_STATE_DIR": str(tmp_path / "state")})
+    server = start_kit_serve(python, model, tmp_path)
     try:
-        base = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{base}/health", process, 180, log)
-        body = {"model": model.name, "messages": [{"role": "user", "content": "Hello, 你好"}],
+        body = {"model": server.model, "messages": [{"role": "user", "content": "Hello, 你好"}],
                 "max_tokens": 12, "temperature": 0}
-        answer = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
-        assert answer.status_code == 200, (answer.text, log.read_text())
+        answer = httpx.post(f"{server.url}/chat/completions", json=body, timeout=120)
+        assert answer.status_code == 200, (answer.text, server.log.read_text())
         assert answer.json()["usage"]["completion_tokens"] == 12
         streamed, events = "", []
-        with httpx.stream("POST", f"{base}/v1/chat/completions", json={**body, "stream": True},
+        with httpx.stream("POST", f"{server.url}/chat/completions", json={**body, "stream": True},
                           timeout=120) as stream:
             assert stream.status_code == 200
             for line in stream.iter_lines():
@@ -93,13 +84,12 @@ def serve_replies(python: Path, model: Path, tmp_path: Path) -> tuple[str, str]:
         assert events[-1] == "[DONE]", events
         for event in events[:-1]:
             chunk = json.loads(event)
-            assert "error" not in chunk, (chunk, log.read_text())
+            assert "error" not in chunk, (chunk, server.log.read_text())
             streamed += chunk["choices"][0]["delta"].get("content") or ""
         replies = answer.json()["choices"][0]["message"]["content"], streamed
     finally:
-        process.terminate()
-        process.wait(timeout=30)
-    assert "Traceback" not in log.read_text(), log.read_text()
+        stop_process(server.process)
+    assert "Traceback" not in server.log.read_text(), server.log.read_text()
     return replies
 
 
@@ -118,33 +108,22 @@ def batched_and_lone(python: Path, model: Path, tmp_path: Path) -> tuple[list[st
     import httpx
     from concurrent.futures import ThreadPoolExecutor
 
-    port = free_port()
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    log = tmp_path / f"serve-{port}.log"
     prompts = ["Hi", "Tell me about the river and the red house, please.", "你好, how are you today?"]
-    with open(log, "w") as out:
-        process = subprocess.Popen([str(python), "-m", "setup_kit", "serve", "--model", str(model), "--port",
-                                    str(port), "--device", "cpu", "--dtype", "fp32", "--threads", "1",
-                                    "--skip-checks", "--system", ""], stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "INTERNLM_KIT_STATE_DIR": str(tmp_path / "state")})
+    server = start_kit_serve(python, model, tmp_path, "--system", "")
     try:
-        base = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{base}/health", process, 180, log)
-
         def ask(index: int) -> str:
-            body = {"model": model.name, "messages": [{"role": "user", "content": prompts[index]}],
+            body = {"model": server.model, "messages": [{"role": "user", "content": prompts[index]}],
                     "max_tokens": 8 + 6 * index, "temperature": 0}
-            answer = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
-            assert answer.status_code == 200, (answer.text, log.read_text())
+            answer = httpx.post(f"{server.url}/chat/completions", json=body, timeout=120)
+            assert answer.status_code == 200, (answer.text, server.log.read_text())
             return answer.json()["choices"][0]["message"]["content"]
 
         with ThreadPoolExecutor(len(prompts)) as pool:
             together = list(pool.map(ask, range(len(prompts))))
         alone = [ask(i) for i in range(len(prompts))]
     finally:
-        process.terminate()
-        process.wait(timeout=30)
-    assert "Traceback" not in log.read_text(), log.read_text()
+        stop_process(server.process)
+    assert "Traceback" not in server.log.read_text(), server.log.read_text()
     return together, alone
 
 
