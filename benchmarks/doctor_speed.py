@@ -45,11 +45,16 @@ def model_commands(python: str | None, root: Path) -> dict[str, list[str]]:
         cached = sorted(VENV_CACHE.glob("current-stack-*/bin/python"))
         python = str(cached[0]) if cached else sys.executable
     revision = "early-2024" if python == sys.executable else "latest"
-    folder = remote_code_folder(build_bench_internlm2(root / "base"), root / f"internlm2-chat-{revision}", revision)
+    base = build_bench_internlm2(root / "base")
+    folder = remote_code_folder(base, root / f"internlm2-chat-{revision}", revision)
     print(f"model: {folder} (~30M parameters, {revision} stand-in) in {python}")
-    return {"tutorial's load": [python, "-c", TUTORIAL_LOAD, str(folder)],
+    return {"chat's pre-flight": [sys.executable, "-c", PREFLIGHT, str(base)],
+            "tutorial's load": [python, "-c", TUTORIAL_LOAD, str(folder)],
             "doctor --model --engine remote-code": [str(BIN / "internlm-kit"), "doctor", "--python", python,
                                                     "--model", str(folder), "--engine", "remote-code"]}
+# What `chat` runs before loading anything (the native engine's checks); it must not import torch.
+PREFLIGHT = "import sys; from setup_kit.doctor import preflight; preflight('native', sys.argv[1], 'auto', 'auto')"
+
 COMMANDS = {
     "python -c pass": [sys.executable, "-c", "pass"],  # interpreter start-up: shows how loaded the machine is
     "import torch": [sys.executable, "-c", "import torch"],
@@ -87,6 +92,9 @@ def main() -> int:
     rehearsal = median["doctor --model --engine remote-code"] / median["tutorial's load"]
     print(f"doctor --model --engine remote-code / the tutorial's load = {rehearsal:.2f}x "
           f"(target < 1.5x: {'met' if rehearsal < 1.5 else 'NOT met'})")
+    preflight = median["chat's pre-flight"]
+    print(f"chat's pre-flight {preflight:.3f} s, {preflight / median['import torch']:.2f}x import torch "
+          f"(target < 1 s, no torch import: {'met' if preflight < 1.0 else 'NOT met'})")
     print(f"command: {sys.executable} benchmarks/doctor_speed.py --runs {args.runs}"
           + (f" --python {args.python}" if args.python else ""))
     return 0

@@ -332,11 +332,10 @@ def test_a_dot_in_the_folder_name_with_remote_code_is_reported(tmp_path, no_gpu)
 # --- the preflight chat and serve run ---------------------------------------------------------
 
 PREFLIGHT = """
-import json, sys, time
-started = time.perf_counter()
+import json, sys
 from setup_kit.doctor import preflight
 report = preflight({engine!r}, {model!r}, {device!r}, {dtype!r})
-print(json.dumps({{"seconds": time.perf_counter() - started, "torch": "torch" in sys.modules,
+print(json.dumps({{"torch": "torch" in sys.modules,
                   "report": report.to_dict()}}))
 """
 
@@ -348,12 +347,13 @@ def run_preflight(engine: str, model, device="auto", dtype="auto", env=None) -> 
     return json.loads(result.stdout)
 
 
-def test_preflight_is_fast_imports_no_torch_and_checks_what_the_engine_needs(tmp_path, fake_gpu):
+def test_preflight_imports_no_torch_and_checks_what_the_engine_needs(tmp_path, fake_gpu):
+    """No torch import is what keeps the pre-flight quick; its time is benchmarks/doctor_speed.py's
+    business, not a clock assertion that a loaded machine fails."""
     env = fake_gpu("t4")
     path = make_model_folder(tmp_path / "model")
     out = run_preflight("native", path, "cuda", "bfloat16", env=env)
     assert out["torch"] is False
-    assert out["seconds"] < 1.0
     checks = by_id(out["report"])
     assert list(checks) == ["packages.required", "packages.dependencies", "packages.transformers-range",
                             "gpu.memory", "gpu.bf16",

@@ -17,15 +17,24 @@ from setup_kit.serve.scheduler import BatchScheduler, Event, QueueFull, Request,
 
 
 class Collector:
-    def __init__(self):
+    """The events of one request. `on_first_text` runs on the engine thread as the first text
+    arrives, so a test can act at an exact point of the stream instead of polling a clock."""
+
+    def __init__(self, on_first_text=None):
         self.events: list[Event] = []
         self.done = threading.Event()
-        self.first_text_at: float | None = None
+        self.started = threading.Event()
+        self.on_first_text = on_first_text
+        self.tokens_at_first_text: int | None = None
 
     def __call__(self, event: Event) -> None:
-        if event.text and self.first_text_at is None:
-            self.first_text_at = time.monotonic()
         self.events.append(event)
+        if event.text and not self.started.is_set():
+            # Each token's logprob rides on the text event it ended in (requests asking logprobs=0).
+            self.tokens_at_first_text = sum(len(e.logprobs or ()) for e in self.events)
+            if self.on_first_text is not None:
+                self.on_first_text()
+            self.started.set()
         if event.finish_reason:
             self.done.set()
 
@@ -66,8 +75,7 @@ def test_batched_greedy_token_ids_equal_lone_ones_even_when_joining_mid_flight(s
     # Three start together; three more join while those are decoding (different lengths, so the
     # batch is re-padded on each join and trimmed as rows leave).
     sinks = [submit(scheduler, p) for p in prompts[:3]]
-    while not any(s.events for s in sinks):
-        time.sleep(0.001)
+    assert sinks[0].started.wait(60), "the first request never streamed"
     sinks += [submit(scheduler, p) for p in prompts[3:]]
     assert [s.final.token_ids for s in sinks] == lone
 
@@ -88,16 +96,18 @@ def test_reference_generate_agrees_with_a_lone_request(scheduler, tiny_model_and
 def test_cancelled_request_leaves_the_batch_within_a_few_tokens(scheduler, tiny_model_and_tokenizer):
     _, tokenizer, _ = tiny_model_and_tokenizer
     ids = prompt(tokenizer, "a long answer please")
-    sink = Collector()
-    request = Request(prompt_ids=ids, params=SamplingParams(max_tokens=200, temperature=0), emit=sink)
+    request = None
+    # The client leaves as its first text arrives (set on the engine thread, so no clock race).
+    sink = Collector(on_first_text=lambda: request.cancel.set())
+    request = Request(prompt_ids=ids, params=SamplingParams(max_tokens=200, temperature=0, logprobs=0), emit=sink)
     scheduler.submit(request)
-    while sink.first_text_at is None:
-        time.sleep(0.001)
-    request.cancel.set()
     final = sink.final
-    assert final.finish_reason == "cancelled" and final.completion_tokens < 20
+    assert final.finish_reason == "cancelled"
+    # Within a token of leaving: at most one step more than the tokens it had when it left.
+    assert final.completion_tokens <= sink.tokens_at_first_text + 1, (final.completion_tokens,
+                                                                       sink.tokens_at_first_text)
     # The final event is sent just before the engine thread drops the slot; it is free moments later.
-    deadline = time.monotonic() + 1.0
+    deadline = time.monotonic() + 10
     while scheduler.load["active"] and time.monotonic() < deadline:
         time.sleep(0.005)
     assert scheduler.load["active"] == 0
