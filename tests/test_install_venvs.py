@@ -75,6 +75,34 @@ def test_install_then_rollback_restores_the_exact_previous_set(tmp_path, venv_wi
     assert freeze(python) == before  # six removed, idna and packaging back, byte for byte
 
 
+def test_list_snapshots_then_rollback_to_a_named_one_skips_the_later_installs(tmp_path, venv_with):
+    """The README's `--list-snapshots` and `--rollback ID`: two installs, back past both to the first."""
+    python = venv_with("idna==3.6")
+    before = freeze(python)
+    first = write_profile(tmp_path, "first", {"idna": "3.7"})
+    second = write_profile(tmp_path, "second", {"idna": "3.7", "six": "1.16.0"})
+    ids = []
+    for profile in (first, second):
+        result = kit("--profile", str(profile), "--python", str(python), "--yes", "--json", state=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        ids.append(json.loads(result.stdout)["snapshot"])
+
+    listed = kit("--list-snapshots", "--python", str(python), state=tmp_path)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    lines = listed.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ids  # oldest first, each with its id
+    as_json = json.loads(kit("--list-snapshots", "--json", "--python", str(python), state=tmp_path).stdout)
+    assert [s["id"] for s in as_json] == ids
+
+    undo = kit("--rollback", ids[0], "--python", str(python), "--yes", state=tmp_path)
+    assert undo.returncode == 0, undo.stdout + undo.stderr
+    assert freeze(python) == before  # idna 3.6 again and no six: both installs undone
+
+    unknown = kit("--rollback", "no-such-snapshot", "--python", str(python), "--yes", state=tmp_path)
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    assert ids[0] in unknown.stderr + unknown.stdout  # it names the snapshots there are
+
+
 def test_an_install_that_breaks_an_installed_package_is_caught_by_the_check_after(tmp_path, venv_with):
     python = venv_with("requests==2.31.0")  # requires idna>=2.5,<4
     before = freeze(python)
