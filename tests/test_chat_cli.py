@@ -263,3 +263,62 @@ def test_what_slips_through_every_clear_error_is_reported_as_a_bug_with_its_trac
     [log] = (tmp_path / "crashes").glob("crash-*.log")
     assert str(log) in result.stderr
     assert "Traceback" in log.read_text() and "in explode" in log.read_text()
+
+
+# --- Ctrl-C without a terminal: while the model loads, and during a --prompt reply ------------
+
+def _mapped(pid: int, library: str) -> bool:
+    try:
+        return library in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def test_ctrl_c_while_the_model_loads_ends_the_kit_and_no_chat_starts(tiny_internlm2_dir, state_dir):
+    """The signal lands while torch and transformers are still being imported (libtorch is mapped,
+    the banner is not out yet): exit 130, nothing swallowed, no reply, no traceback."""
+    import signal
+    import time
+
+    env = {**os.environ, "INTERNLM_KIT_STATE_DIR": str(state_dir), "NO_COLOR": "1"}
+    process = subprocess.Popen([EXE, "chat", "--model", str(tiny_internlm2_dir), "--prompt", "hi"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not _mapped(process.pid, "libtorch_cpu") and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert _mapped(process.pid, "libtorch_cpu"), "torch was never loaded"
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "native engine" not in err, "the chat started after Ctrl-C"  # the banner comes after the load
+    assert out == ""
+    assert "Traceback" not in err and "Exception ignored" not in err and "KeyboardInterrupt" not in err
+
+
+@pytest.fixture(scope="module")
+def endless_dir(tiny_internlm2_dir, tmp_path_factory) -> Path:
+    from fixtures.models import build_tiny_internlm2
+    from test_chat_repl import never_end_turn
+
+    folder = build_tiny_internlm2(tmp_path_factory.mktemp("models") / "tiny-endless",
+                                  max_position_embeddings=4096,
+                                  tokenizer_model=tiny_internlm2_dir / "tokenizer.model")
+    never_end_turn(folder)
+    return folder
+
+
+def test_ctrl_c_during_a_prompt_reply_keeps_what_was_said_and_exits_130(endless_dir, state_dir):
+    """README: `chat --prompt` exits 130 on Ctrl-C, the reply so far on stdout."""
+    import signal
+
+    env = {**os.environ, "INTERNLM_KIT_STATE_DIR": str(state_dir), "NO_COLOR": "1"}
+    process = subprocess.Popen([EXE, "chat", "--model", str(endless_dir), "--prompt", "hi",
+                                "--max-new-tokens", "3000"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    first = process.stdout.read(1)  # the reply has started (it never ends by itself)
+    assert first, process.stderr.read()
+    process.send_signal(signal.SIGINT)
+    rest, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert (first + rest).strip()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
