@@ -96,3 +96,28 @@ def test_the_dependency_fix_really_resolves_the_conflict(tokenizers_conflict_ven
     report, result = doctor_json("--python", python, "--only", "packages.dependencies", env=no_gpu)
     assert by_id(report)["packages.dependencies"]["status"] == "ok", report
     assert result.returncode == 0
+
+
+@pytest.mark.slow
+def test_a_distribution_whose_metadata_cannot_be_read_is_named_with_a_fix_that_mends_it(tmp_path, no_gpu):
+    """A half-written install (METADATA emptied) is not dropped from the dependency check in silence:
+    the doctor names its folder, and the command it prints brings the package back readable."""
+    from fixtures.venvs import make_venv, pip_install
+
+    python = make_venv(tmp_path / "venv", with_pip=True)
+    pip_install(python, "six==1.16.0")
+    dist_info = next((tmp_path / "venv").glob("lib/python*/site-packages/six-1.16.0.dist-info"))
+    (dist_info / "METADATA").write_text("", encoding="utf-8")
+
+    report, _ = doctor_json("--python", str(python), "--only", "packages.dependencies", env=no_gpu)
+    check = by_id(report)["packages.dependencies"]
+    assert check["status"] == "warn", check
+    assert str(dist_info) in check["summary"] and "not checked" in check["summary"]
+    fix = subprocess.run(["bash", "-c", check["fix"]], capture_output=True, text=True, timeout=300)
+    assert fix.returncode == 0, fix.stdout + fix.stderr
+
+    report, _ = doctor_json("--python", str(python), "--only", "packages.dependencies", env=no_gpu)
+    assert by_id(report)["packages.dependencies"]["status"] == "ok"
+    imported = subprocess.run([str(python), "-c", "import six, importlib.metadata as m; print(m.version('six'))"],
+                              capture_output=True, text=True, timeout=60)
+    assert imported.stdout.strip() == "1.16.0", imported.stderr

@@ -161,9 +161,39 @@ def _installed_name(ctx: Context, requirement: str) -> str:
     return ctx.env.distributions[canonical(Requirement(requirement).name)].name
 
 
+def _unreadable_lines(ctx: Context) -> tuple[list[str], list[str]]:
+    """(what is wrong, the command that mends it) for each installed distribution whose metadata
+    the doctor could not read: its requirements are unknown, to the doctor and to pip check alike."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    lines, fixes = [], []
+    for entry in ctx.env.unreadable:
+        path = entry.get("path") or ""
+        name, version = entry.get("name"), entry.get("version")
+        folder = Path(path).name
+        found = re.match(r"^(?P<name>[^-]+)-(?P<version>[^-]+?)(?:-py[^-]*)?\.(?:dist|egg)-info$", folder)
+        if found and not name:
+            name, version = found["name"], found["version"]
+        lines.append(f"{path or 'an installed distribution'}: {entry.get('error', 'unreadable metadata')}")
+        if name and path:
+            spec = f"{name}=={version}" if version else name
+            fixes.append(f"rm -rf {shlex.quote(path)} && {pip_install(ctx.python, [spec], '--no-deps')}")
+        elif path:
+            fixes.append(f"rm -rf {shlex.quote(path)}   (then reinstall the package it belonged to)")
+    return lines, fixes
+
+
 @check("packages.dependencies", ENV, "Every package's requirements met (pip check)", needs=("env",))
 def dependencies(ctx: Context) -> Result:
     problems = dependency_problems(ctx)
+    unreadable, mends = _unreadable_lines(ctx)
+    if not problems and unreadable:
+        n = len(unreadable)
+        return warn(f"{n} installed distribution{'s' if n > 1 else ''} with metadata that cannot be read, so "
+                    f"{'their' if n > 1 else 'its'} requirements are not checked: {unreadable[0]}",
+                    " && ".join(mends) or None, *unreadable)
     if not problems:
         return ok(f"the requirements of all {len(ctx.env.distributions)} installed distributions are met")
     # pip's own wording, which users search for; version conflicts before missing packages.
@@ -173,7 +203,8 @@ def dependencies(ctx: Context) -> Result:
              for name, version, req, have in problems]
     packages = list(dict.fromkeys(Requirement(req).name for _, _, req, _ in problems))
     fix = pip_install(ctx.python, [_requirement_fix(ctx, p) for p in packages])
-    return fail(lines[0] + (f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""), fix, *lines)
+    return fail(lines[0] + (f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""), fix, *lines,
+                *(f"not checked: {line}" for line in unreadable))
 
 
 @check("known-issues", ENV, "Known InternLM2 environment failures", needs=("env",))

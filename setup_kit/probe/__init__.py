@@ -47,13 +47,14 @@ class EnvironmentFacts:
     markers: dict
     distributions: dict[str, Distribution]  # by canonical name
     environment: dict[str, str]  # relevant variables, secrets already redacted
+    unreadable: list[dict] = field(default_factory=list)  # {"path", "error"[, "name", "version"]}
 
     @classmethod
     def from_json(cls, data: dict) -> EnvironmentFacts:
         dists = {canonical(d["name"]): Distribution(d["name"], d["version"], tuple(d.get("requires") or ()))
                  for d in data.get("distributions", [])}
         return cls(data["python"], data["platform"], data.get("markers", {}), dists,
-                   data.get("environment", {}))
+                   data.get("environment", {}), list(data.get("unreadable_distributions") or []))
 
     @property
     def executable(self) -> str:

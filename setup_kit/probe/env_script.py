@@ -62,29 +62,45 @@ def marker_environment():
     }
 
 
-def distributions():
-    """Installed distributions, first on sys.path wins (as for imports and pip)."""
+def _dist_path(dist):
+    path = getattr(dist, "_path", None)  # the .dist-info / .egg-info folder (PathDistribution)
+    return str(path) if path is not None else ""
+
+
+def distributions(unreadable=None):
+    """Installed distributions, first on sys.path wins (as for imports and pip). Those whose
+    metadata cannot be read are not dropped silently: each goes into `unreadable` (its folder and
+    why), for the doctor to name, since pip check cannot see their requirements either."""
     found = {}
     for dist in metadata.distributions():
         try:
             name = dist.metadata["Name"]
-        except Exception:
-            continue
+        except Exception as exc:
+            name, why = None, "{0}: {1}".format(type(exc).__name__, exc)
+        else:
+            why = "its METADATA has no Name"
         if not name:
+            if unreadable is not None:
+                unreadable.append({"path": _dist_path(dist), "error": why})
             continue
         key = re.sub(r"[-_.]+", "-", name).lower()
         if key in found:
             continue
         try:
             requires = list(dist.requires or [])
-        except Exception:
+        except Exception as exc:
             requires = []
+            if unreadable is not None:
+                unreadable.append({"path": _dist_path(dist), "name": name, "version": dist.version,
+                                   "error": "its requirements cannot be read ({0}: {1})".format(
+                                       type(exc).__name__, exc)})
         found[key] = {"name": name, "version": dist.version, "requires": requires}
     return sorted(found.values(), key=lambda d: d["name"].lower())
 
 
 def collect():
     libc = platform.libc_ver()
+    unreadable = []
     return {
         "python": {
             "version": platform.python_version(),
@@ -102,7 +118,8 @@ def collect():
             "libc": "{0} {1}".format(*libc).strip(),
         },
         "markers": marker_environment(),
-        "distributions": distributions(),
+        "distributions": distributions(unreadable),
+        "unreadable_distributions": unreadable,
         "environment": relevant_environment(),
     }
 
