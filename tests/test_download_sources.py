@@ -99,6 +99,28 @@ def test_auto_prefers_the_local_copy_then_checks_it_against_the_hub(hub, share_r
     assert_same_files(dest, hub_repo)
 
 
+def test_auto_with_a_shared_copy_that_differs_from_the_hub_fetches_that_file_and_leaves_the_share(
+        hub, share_root, hub_repo, tmp_path):
+    """One shard of the shared copy differs from the hub's (same size, one byte flipped): auto takes
+    the rest from the share, fetches that shard alone from the hub, and never writes into the share."""
+    shared = share_root / "new_models" / "Shanghai_AI_Laboratory" / "internlm2-chat-1_8b" / SHARD1
+    blob = shared.resolve()
+    altered = bytearray(blob.read_bytes())
+    altered[len(altered) // 2] ^= 0xFF
+    blob.write_bytes(bytes(altered))
+    dest = tmp_path / "m"
+    env = kit_env(hub.url, tmp_path, INTERNLM_KIT_SHARE_ROOTS=str(share_root))
+
+    proc = run_kit(["--local-dir", str(dest)], env)
+
+    assert proc.returncode == 0, proc.stderr
+    assert f"{SHARD1} does not match the hub's" in proc.stderr and "fetching it again" in proc.stderr
+    fetched = {path: n for path, n in hub.served.items() if n}
+    assert list(fetched) == [SHARD1] and fetched[SHARD1] == len(altered)  # that file alone, whole
+    assert_same_files(dest, hub_repo)
+    assert blob.read_bytes() == bytes(altered)  # the share's copy is as it was
+
+
 def test_auto_keeps_a_local_copy_when_the_hub_is_down(share_root, hub_repo, tmp_path):
     dest = tmp_path / "m"
     proc = run_kit(["--local-dir", str(dest)], kit_env(NO_HUB, tmp_path, INTERNLM_KIT_SHARE_ROOTS=str(share_root)))
