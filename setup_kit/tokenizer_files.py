@@ -86,21 +86,44 @@ def _rename(tokenizer_json: dict, renames: dict[int, str]) -> dict:
     return tokenizer_json
 
 
-def _add_dummy_prefix(model_file: Path) -> bool:
-    """sentencepiece's normalizer_spec.add_dummy_prefix (its default, True, when unreadable)."""
+def read_model_proto(model_file: Path):
+    """tokenizer.model's ModelProto, for the settings transformers' conversion does not carry over.
+
+    Unreadable settings are an error, not a guess: sentencepiece's default (a dummy prefix) is the
+    opposite of InternLM2's file, and guessing it would silently change every text's first token
+    and drop the first space of every reply.
+    """
     try:
         from transformers.convert_slow_tokenizer import import_protobuf
 
         proto = import_protobuf().ModelProto()
         proto.ParseFromString(Path(model_file).read_bytes())
-    except Exception:  # conversion already succeeded, so this only guards odd protobuf setups
-        return True
-    return bool(proto.normalizer_spec.add_dummy_prefix)
+    except Exception as exc:  # protobuf missing or broken, or a damaged file
+        raise ModelFolderError(
+            f"the settings of {model_file} (whether it adds a leading space to a text) could not be "
+            f"read: {exc}",
+            "Install protobuf (pip install protobuf) and check that tokenizer.model is not a git-lfs "
+            "pointer: internlm-kit doctor says which.") from exc
+    return proto
 
 
-def _whole_text_normalization(tokenizer_json: dict, dummy_prefix: bool) -> dict:
-    """Spaces become '▁', and the dummy prefix goes only at the very start of the text, as
-    sentencepiece does on the whole string; the same pipeline on every `tokenizers` release.
+# Bumped whenever the tokenizer.json this module writes changes, so cached copies are rebuilt.
+TOKENIZER_FORMAT = 2
+# sentencepiece >= 0.2 never emits a NORMAL piece "\x00" when byte fallback is on (it encodes the
+# character as <0x00>; the real file's id 354). The fast vocabulary gets that piece under this name,
+# which no text spells, so encoding falls back to <0x00> too, and decoding the id still gives "\x00".
+NUL_PIECE = "<unused-0x00>"
+
+
+def _unused_nul(proto) -> bool:
+    return proto.trainer_spec.byte_fallback and any(
+        p.piece == "\x00" and p.type == p.NORMAL for p in proto.pieces)
+
+
+def _whole_text_normalization(tokenizer_json: dict, dummy_prefix: bool, *, unused_nul: bool = False) -> dict:
+    """Spaces become '▁', and the dummy prefix (when tokenizer.model has one) goes only at the very
+    start of the text, as sentencepiece does on the whole string; the same pipeline on every
+    `tokenizers` release. Decoding gives back what sentencepiece's decode does.
 
     transformers 4.38 converts with a `Prepend('▁')` normalizer, which `tokenizers` applies to each
     stretch between special tokens (`<|im_start|>▁user`, `<|im_end|>▁\\n`); 5.x uses a
@@ -110,6 +133,10 @@ def _whole_text_normalization(tokenizer_json: dict, dummy_prefix: bool) -> dict:
     once; a text that starts with an added token loses the prefix again (5.x adds none there), and
     that rule also leaves the added tokens' own spelling unchanged. A text that starts with a space
     gets no prefix either, as with 5.x's Metaspace (sentencepiece itself would add one).
+
+    InternLM2's tokenizer.model has no dummy prefix: then nothing is prepended, and the decoder
+    strips nothing either (transformers' conversion leaves a `Strip` that turns " lead" into "lead",
+    where sentencepiece's decode gives " lead").
     """
     import re
 
@@ -129,6 +156,18 @@ def _whole_text_normalization(tokenizer_json: dict, dummy_prefix: bool) -> dict:
     tokenizer_json["pre_tokenizer"] = None
     for token in tokenizer_json.get("added_tokens", []):
         token["normalized"] = True
+    decoders = [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}]
+    vocab = tokenizer_json["model"]["vocab"]
+    if unused_nul and "\x00" in vocab:
+        if NUL_PIECE in vocab:
+            raise KitError(f"tokenizer.model already has a piece {NUL_PIECE!r}.",
+                           "Report this with the output of internlm-kit doctor.")
+        vocab[NUL_PIECE] = vocab.pop("\x00")
+        decoders.append({"type": "Replace", "pattern": {"String": NUL_PIECE}, "content": "\x00"})
+    decoders += [{"type": "ByteFallback"}, {"type": "Fuse"}]
+    if dummy_prefix:  # sentencepiece's decode drops the prefix it added
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    tokenizer_json["decoder"] = {"type": "Sequence", "decoders": decoders}
     return tokenizer_json
 
 
@@ -138,6 +177,11 @@ def _flatten_normalizers(normalizer: dict | None) -> list[dict]:
     if normalizer.get("type") == "Sequence":
         return [n for inner in normalizer.get("normalizers", []) for n in _flatten_normalizers(inner)]
     return [normalizer]
+
+
+def add_dummy_prefix(proto) -> bool:
+    """Whether sentencepiece puts a '▁' before a text (InternLM2's file: no)."""
+    return bool(proto.normalizer_spec.add_dummy_prefix)
 
 
 def build_fast_tokenizer(folder: Path):
@@ -159,7 +203,8 @@ def build_fast_tokenizer(folder: Path):
     vocab_size = backend.get_vocab_size(with_added_tokens=False)
     renames = renamed_pieces(config, vocab_size)
     data = _rename(json.loads(backend.to_str()), renames)
-    data = _whole_text_normalization(data, _add_dummy_prefix(model_file))
+    proto = read_model_proto(model_file)
+    data = _whole_text_normalization(data, add_dummy_prefix(proto), unused_nul=_unused_nul(proto))
 
     special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")
                if isinstance(config.get(k), str)}
@@ -202,6 +247,9 @@ def write_tokenizer(src: Path, dst: Path) -> None:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config.pop("auto_map", None)
+    # What tokenizer.model does with a leading space, in the key llama.cpp's converter (and
+    # transformers' own tokenizer classes) read: without it they assume a '▁' before every text.
+    config["add_prefix_space"] = add_dummy_prefix(read_model_proto(Path(src) / "tokenizer.model"))
     # Older transformers, vLLM and llama.cpp read these keys rather than chat_template.jinja /
     # extra_special_tokens, which transformers 5 writes.
     if tokenizer.chat_template:
@@ -252,7 +300,8 @@ def load_tokenizer(folder: Path, cache_root: Path | None = None):
     digest = hashlib.sha256()
     # One cache entry per stack: a tokenizer.json written by a newer `tokenizers` may not parse
     # in an older one (two environments, say the tutorial's and the kit's, share the state dir).
-    digest.update(f"transformers={version('transformers')} tokenizers={version('tokenizers')}".encode())
+    digest.update(f"transformers={version('transformers')} tokenizers={version('tokenizers')} "
+                  f"format={TOKENIZER_FORMAT}".encode())
     for name in ("tokenizer.model", "tokenizer_config.json"):
         if (folder / name).is_file():
             digest.update((folder / name).read_bytes())
