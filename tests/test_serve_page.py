@@ -124,3 +124,42 @@ def test_markdown_is_rendered_and_html_is_escaped(page):
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert '<pre><code class="language-python">print(&#39;&lt;b&gt;&#39;)</code></pre>' in html
     assert "<ul><li>one</li><li>two</li></ul>" in html
+
+
+def test_a_reload_keeps_the_conversation_and_the_box_shows_the_system_prompt_the_server_gives(page):
+    from setup_kit.engines.base import DEFAULT_SYSTEM_PROMPT
+
+    sent = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/chat/completions") else None)
+    # What the model is given with no system prompt of the user's is on screen, not an empty box.
+    assert page.input_value("#system-prompt") == DEFAULT_SYSTEM_PROMPT
+    set_max_tokens(page, 6)
+    page.fill("#input", "Remember me")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".msg.assistant:not(.streaming)", timeout=60_000)
+    reply = page.locator(".msg.assistant").first.get_attribute("data-raw")
+    assert sent[0]["messages"][0] == {"role": "system", "content": DEFAULT_SYSTEM_PROMPT}
+
+    page.reload()
+    page.wait_for_function("document.getElementById('model-name').textContent.includes('tiny')")
+    assert page.inner_text(".msg.user .body") == "Remember me"
+    assert page.locator(".msg.assistant").first.get_attribute("data-raw") == reply
+    assert page.input_value("#max-tokens") == "6"
+    page.fill("#input", "And now?")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelectorAll('.msg.assistant:not(.streaming)').length === 2",
+                           timeout=60_000)
+    assert [m["role"] for m in sent[-1]["messages"]] == ["system", "user", "assistant", "user"]
+    assert sent[-1]["messages"][2]["content"] == reply
+
+    # The user's own system prompt wins over the server's, across a reload too; empty means none.
+    page.click("#toggle-settings")
+    page.fill("#system-prompt", "")
+    page.reload()
+    page.wait_for_function("document.getElementById('model-name').textContent.includes('tiny')")
+    assert page.input_value("#system-prompt") == ""
+    page.click("#new-chat")
+    assert page.locator(".msg").count() == 0
+    page.reload()
+    page.wait_for_function("document.getElementById('model-name').textContent.includes('tiny')")
+    assert page.locator(".msg").count() == 0  # new chat forgets for good

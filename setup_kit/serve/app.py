@@ -217,7 +217,11 @@ def create_app(served: ServedModel, *, api_key: str | None = None) -> FastAPI:
             raise APIError(401, "Incorrect API key provided.", "authentication_error", code="invalid_api_key")
 
     def card() -> schema.ModelCard:
-        return schema.ModelCard(id=served.id, created=served.created, context_window=served.context_window)
+        from setup_kit.engines.base import DEFAULT_SYSTEM_PROMPT
+
+        system = DEFAULT_SYSTEM_PROMPT if served.system is None else served.system
+        return schema.ModelCard(id=served.id, created=served.created, context_window=served.context_window,
+                                system_prompt=system)
 
     @app.get("/health")
     async def health():

@@ -319,6 +319,9 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "internlm-kit"
     context_window: int | None = None
+    # The system prompt the server puts in front of a conversation that brings none ("" for none):
+    # the chat page shows it, so what it shows is what the model is given.
+    system_prompt: str | None = None
 
 
 class CompletionLogprobs(BaseModel):

@@ -3,6 +3,21 @@
   "use strict";
   const $ = function (id) { return document.getElementById(id); };
   const state = { model: null, history: [], controller: null };
+  // The conversation and settings outlive a reload: kept in this browser's localStorage, per server.
+  const STORE = "internlm-kit-chat";
+
+  function saved() {
+    try { return JSON.parse(window.localStorage.getItem(STORE)) || {}; } catch (_) { return {}; }
+  }
+
+  function save() {
+    try {
+      window.localStorage.setItem(STORE, JSON.stringify({
+        history: state.history, system: state.systemEdited ? $("system-prompt").value : null,
+        temperature: $("temperature").value, maxTokens: $("max-tokens").value,
+      }));
+    } catch (_) { /* storage full or disabled: the page still works, it just forgets on reload */ }
+  }
 
   function headers() {
     const h = { "Content-Type": "application/json" };
@@ -34,6 +49,10 @@
       const body = await response.json();
       state.model = body.data[0].id;
       $("model-name").textContent = state.model;
+      // Show the system prompt the server gives a conversation (InternLM's default unless serve
+      // --system set another), unless the user wrote their own: what is shown is what is sent.
+      const system = body.data[0].system_prompt;
+      if (!state.systemEdited && typeof system === "string") $("system-prompt").value = system;
       showError("");
     } catch (e) {
       $("model-name").textContent = "not connected";
@@ -85,8 +104,8 @@
   }
 
   function requestMessages() {
-    const system = $("system-prompt").value.trim();
-    return (system ? [{ role: "system", content: system }] : []).concat(state.history);
+    // Always sent, even empty: an empty box means no system prompt, not the server's default.
+    return [{ role: "system", content: $("system-prompt").value.trim() }].concat(state.history);
   }
 
   async function send(text) {
@@ -156,6 +175,7 @@
     } else if (!stopped) {
       state.history.pop();  // nothing came back: let the user send it again
     }
+    save();
     if (stopped || reply.dataset.finish === "length") {
       reply.classList.add(stopped ? "stopped" : "truncated");
       const note = document.createElement("div");
@@ -184,6 +204,7 @@
   $("new-chat").addEventListener("click", function () {
     if (state.controller) state.controller.abort();
     state.history = [];
+    save();
     $("messages").innerHTML = "";
     showError("");
     $("input").focus();
@@ -194,5 +215,19 @@
     $("toggle-settings").setAttribute("aria-expanded", String(!panel.hidden));
   });
   $("api-key").addEventListener("change", loadModel);
+  $("system-prompt").addEventListener("input", function () { state.systemEdited = true; save(); });
+  $("temperature").addEventListener("change", save);
+  $("max-tokens").addEventListener("change", save);
+
+  const before = saved();
+  if (typeof before.system === "string") { $("system-prompt").value = before.system; state.systemEdited = true; }
+  if (before.temperature) $("temperature").value = before.temperature;
+  if (before.maxTokens) $("max-tokens").value = before.maxTokens;
+  if (Array.isArray(before.history)) {
+    state.history = before.history.filter(function (m) {
+      return m && (m.role === "user" || m.role === "assistant") && typeof m.content === "string";
+    });
+    state.history.forEach(function (m) { addMessage(m.role, m.content); });
+  }
   loadModel();
 })();
