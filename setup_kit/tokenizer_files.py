@@ -109,9 +109,10 @@ def read_model_proto(model_file: Path):
 
 # Bumped whenever the tokenizer.json this module writes changes, so cached copies are rebuilt.
 TOKENIZER_FORMAT = 2
-# sentencepiece >= 0.2 never emits a NORMAL piece "\x00" when byte fallback is on (it encodes the
-# character as <0x00>; the real file's id 354). The fast vocabulary gets that piece under this name,
-# which no text spells, so encoding falls back to <0x00> too, and decoding the id still gives "\x00".
+# The sentencepiece the kit installs (0.2.3; 0.2.0 did not yet) never emits a NORMAL piece "\x00" when
+# byte fallback is on: it warns and encodes the character as <0x00> (the real file's piece is id 354),
+# and llama.cpp's converter marks that piece unused. The fast vocabulary gets it under this name, which
+# no text spells, so encoding falls back to <0x00> too, and decoding the id still gives "\x00".
 NUL_PIECE = "<unused-0x00>"
 
 
