@@ -137,6 +137,8 @@ class Session:
         pieces: list[str] = []
         try:
             for piece in self.engine.stream(messages, params, cancel):
+                if cancel is not None and cancel.is_set():
+                    continue  # after Ctrl-C: the engine stops at its next token, and nothing more is shown or kept
                 pieces.append(piece)
                 if on_text is not None:
                     on_text(piece)

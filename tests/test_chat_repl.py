@@ -139,8 +139,13 @@ def test_ctrl_c_stops_the_reply_keeps_it_and_returns_to_the_prompt(
     chat.child.sendline("tell me a very long story")
     chat.child.expect_exact("tell me a very long story\r\n")  # the terminal's echo
     chat.child.expect(r"\S[\s\S]{20}")  # the reply is streaming: some text is on screen, no clock involved
+    streamed = chat.child.after
     chat.child.sendintr()
     chat.child.expect_exact("reply stopped", timeout=60)
+    screen = streamed + chat.child.before
+    # The terminal echoes ^C where the signal landed; not one more token of the reply comes after it.
+    assert "^C" in screen and screen.split("^C", 1)[1].replace("\x1b[2m", "").strip(" \r\n(") == "", screen
+    shown = screen.split("^C", 1)[0]
     chat.prompt()
     stats = chat.stats()
     assert stats["stop"] == "interrupt" and 0 < stats["reply"] < 3000
@@ -149,6 +154,7 @@ def test_ctrl_c_stops_the_reply_keeps_it_and_returns_to_the_prompt(
     chat.say("go on")
     kept = chat.requests()[-1][-2]
     assert kept["role"] == "assistant" and kept["content"]  # the partial reply is in the history
+    assert shown.replace("\r\n", "\n").endswith(kept["content"])  # exactly what was on screen, no more
 
     chat.child.sendintr()  # Ctrl-C at an empty prompt ends the session cleanly
     assert chat.close() == 0
