@@ -2,8 +2,8 @@
 
 n > 1, logprobs, penalties and logit_bias, /v1/completions with echo + logprobs (what
 lm-evaluation-harness's local-completions model sends), GET /v1/models/{id}, and tool calling in
-InternLM2's own markup, parsed into OpenAI tool_calls, streamed too. What cannot be honoured
-(response_format JSON) is a clear 400.
+InternLM2's own markup, parsed into OpenAI tool_calls, streamed too; LangChain's ChatOpenAI on top
+(response_format itself: tests/test_serve_response_format.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 import httpx
 import openai
 import pytest
-from fixtures.servers import KIT_MODEL, ModelWrapper, start_kit_server
+from fixtures.servers import KIT_MODEL, WEATHER_TOOL
 
 from setup_kit.serve.prompt import encode_text
 
@@ -103,16 +103,6 @@ def test_the_penalties_are_openais_formula():
     assert torch.equal(logits[1], expected) and torch.equal(logits[0], torch.zeros(10))
 
 
-def test_response_format_json_is_refused_in_plain_words_not_ignored(kit_server):
-    with pytest.raises(openai.BadRequestError) as caught:
-        client(kit_server).chat.completions.create(model=KIT_MODEL, messages=USER, max_tokens=4,
-                                                   response_format={"type": "json_object"})
-    assert caught.value.body["param"] == "response_format" and "not supported" in caught.value.body["message"]
-    reply = client(kit_server).chat.completions.create(model=KIT_MODEL, messages=USER, max_tokens=2,
-                                                       response_format={"type": "text"})
-    assert reply.choices[0].message.content is not None
-
-
 def test_completions_echo_with_logprobs_scores_the_prompt_as_lm_eval_needs(kit_server):
     tok = kit_server.served.tokenizer
     prompt = "The capital of France is Paris"
@@ -136,58 +126,6 @@ def test_completions_echo_with_logprobs_scores_the_prompt_as_lm_eval_needs(kit_s
 
 
 # ---- tool calling ---------------------------------------------------------------------------------
-
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "The current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-
-
-class ToolCallingModel(ModelWrapper):
-    """The tiny model, made to answer as InternLM2 does when it calls a tool: its scores are replaced
-    by a script of token ids. Asked first, it writes some text and then the call markup; once the
-    conversation holds the tool's result (an environment turn), it answers from it."""
-
-    def __init__(self, model, tokenizer):
-        self._model, self._tok = model, tokenizer
-        special = lambda name: tokenizer.convert_tokens_to_ids(name)  # noqa: E731
-        end = special("<|im_end|>")
-        self.call = (encode_text(tokenizer, "Let me check.") + [special("<|action_start|>"), special("<|plugin|>")]
-                     + encode_text(tokenizer, '\n{"name": "get_weather", "parameters": {"city": "Paris"}}')
-                     + [special("<|action_end|>"), end])
-        self.answer = encode_text(tokenizer, "It is sunny in Paris.") + [end]
-        self.arguments = encode_text(tokenizer, '{"city": "Paris"}}') + [special("<|action_end|>"), end]
-        self.script, self.step = self.call, 0
-
-    def __call__(self, *args, **kwargs):
-        out = self._model(*args, **kwargs)
-        ids = kwargs["input_ids"]
-        if ids.shape[1] > 1:  # a prefill: a new request (one slot, so one at a time)
-            prompt = self._tok.decode(ids[0].tolist())
-            if prompt.endswith('"parameters": '):  # tool_choice named a function: the server began the call
-                self.script = self.arguments
-            else:
-                self.script = self.answer if "environment name=" in prompt else self.call
-            self.step = 0
-        token = self.script[min(self.step, len(self.script) - 1)]
-        self.step += 1
-        out.logits[:] = -1e4
-        out.logits[..., token] = 1e4
-        return out
-
-
-@pytest.fixture(scope="module")
-def tool_server(tmp_path_factory):
-    """One slot, on a tiny model with room for the tool specs (1024 positions)."""
-    from fixtures.models import build_tiny_internlm2
-
-    from setup_kit.engines.native import load_model_and_tokenizer
-
-    folder = build_tiny_internlm2(tmp_path_factory.mktemp("models") / "tiny-tools", max_position_embeddings=1024)
-    model, tokenizer, info = load_model_and_tokenizer(folder, device="cpu", dtype="fp32")
-    server = start_kit_server((ToolCallingModel(model, tokenizer), tokenizer, info), max_batch=1)
-    yield server
-    server.stop()
-
 
 ASK = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
 
@@ -282,6 +220,9 @@ class Weather(BaseModel):
     city: str
 
 out["structured"] = llm.with_structured_output(Weather, method="function_calling").invoke(ask).model_dump()
+# the default method, json_schema: response_format, honoured by constrained decoding
+as_json = [SystemMessage("Be brief."), HumanMessage("Weather in Paris, as JSON?")]
+out["structured_json"] = llm.with_structured_output(Weather).invoke(as_json).model_dump()
 print(json.dumps(out))
 """
 
@@ -305,3 +246,4 @@ def test_langchain_chat_openai_invoke_stream_tools_and_structured_output(tool_se
     assert call["name"] == "get_weather" and call["args"] == {"city": "Paris"}
     assert out["final"] == "It is sunny in Paris."
     assert out["structured"] == {"city": "Paris"}
+    assert out["structured_json"] == {"city": "Paris"}

@@ -11,12 +11,12 @@ import pytest
 from fixtures.servers import start_kit_server
 from fixtures.venvs import cached_venv
 
-SCHEMATHESIS = "schemathesis==4.32.5"
+SCHEMATHESIS = ["schemathesis==4.32.5", "hypothesis==6.130.12"]
 
 
 @pytest.fixture(scope="module")
 def schemathesis_exe():
-    return cached_venv("schemathesis", [SCHEMATHESIS]).with_name("schemathesis")
+    return cached_venv("schemathesis", SCHEMATHESIS).with_name("schemathesis")
 
 
 @pytest.mark.slow

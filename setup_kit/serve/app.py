@@ -30,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from setup_kit.serve import schema
+from setup_kit.serve.grammar import GrammarError, Grammars
 from setup_kit.serve.prompt import ACTION_START, PLUGIN, encode_text
 from setup_kit.serve.prompt import encode_chat as _encode_chat
 from setup_kit.serve.scheduler import BatchScheduler, Event, QueueFull, SamplingParams, ShuttingDown
@@ -67,6 +68,7 @@ class ServedModel:
     default_max_tokens: int = DEFAULT_MAX_TOKENS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     aliases: tuple[str, ...] = ()  # other names requests may use: the folder's, the hub repo it came from
+    _grammars: Grammars | None = field(default=None, repr=False, compare=False)
 
     def answers_to(self, name: str) -> bool:
         return name == self.id or name in self.aliases
@@ -78,6 +80,13 @@ class ServedModel:
     @property
     def vocab_size(self) -> int:
         return int(getattr(self.scheduler.model.config, "vocab_size", 0) or len(self.tokenizer))
+
+    @property
+    def grammars(self) -> Grammars:
+        """response_format's grammar compiler, made on first use."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.vocab_size, self.scheduler.eos_ids)
+        return self._grammars
 
 
 def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
@@ -241,11 +250,12 @@ def create_app(served: ServedModel, *, api_key: str | None = None) -> FastAPI:
     async def chat_completions(body: schema.ChatCompletionRequest, http_request: Request):
         if body.model and not served.answers_to(body.model):
             raise _unknown_model(body.model, served)
-        _refuse_unsupported(body)
         tools = body.tools_offered()
+        grammar = await _grammar(served, body, tools)
         prefix = _forced_call_prefix(body)
         prompt = await _encode(served, body, tools, prefix)
-        params = _params(served, body, len(prompt), logprobs=body.logprobs_count(), special_text=bool(tools))
+        params = _params(served, body, len(prompt), logprobs=body.logprobs_count(), special_text=bool(tools),
+                         grammar=grammar)
         reply = _Reply(served.id, _Logprobs(served.tokenizer) if body.logprobs else None)
         choices = _submit_all(served, prompt, params, body.n)
         watcher = _watch_disconnect(http_request, served, choices)
@@ -283,14 +293,22 @@ def _unknown_model(name: str, served: ServedModel) -> APIError:
                     "not_found_error", code="model_not_found", param="model")
 
 
-def _refuse_unsupported(body: schema.ChatCompletionRequest) -> None:
-    """What the server cannot honour is a clear 400, never silently ignored."""
-    if body.response_format and body.response_format.type != "text":
-        raise APIError(400, f"response_format {body.response_format.type!r} is not supported by this server: "
-                            "it has no grammar-constrained decoding, so it cannot promise valid JSON. Ask for "
-                            "JSON in the prompt, use tools (function calling) for structured output, or run "
-                            "--backend vllm / lmdeploy, which constrain output.",
-                       code="unsupported_parameter", param="response_format")
+async def _grammar(served: ServedModel, body: schema.ChatCompletionRequest, tools: list[dict]):
+    """response_format json_object / json_schema as a grammar the reply is decoded under (None for
+    text); what cannot be honoured is a clear 400, never silently ignored."""
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if tools:
+        raise APIError(400, "response_format together with tools is not supported: a reply constrained to "
+                            "JSON cannot also call a tool. Send one of them (for structured output through "
+                            'tools, a tool whose parameters are your schema with tool_choice naming it), or '
+                            'tool_choice "none".', code="unsupported_parameter", param="response_format")
+    spec = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
+    try:  # off the event loop: the first one reads the vocabulary, a big schema takes a while
+        return await run_in_threadpool(served.grammars.compile, fmt.type, spec)
+    except GrammarError as exc:
+        raise APIError(400, str(exc), code="unsupported_parameter", param="response_format") from None
 
 
 def _forced_call_prefix(body: schema.ChatCompletionRequest) -> str:
@@ -304,7 +322,7 @@ def _forced_call_prefix(body: schema.ChatCompletionRequest) -> str:
 
 
 def _params(served: ServedModel, body: schema.SamplingFields, prompt_len: int, *, logprobs: int | None,
-            special_text: bool = False) -> SamplingParams:
+            special_text: bool = False, grammar=None) -> SamplingParams:
     room = served.context_window - prompt_len
     limit = body.token_limit() if isinstance(body, schema.ChatCompletionRequest) else body.max_tokens
     bias = {}
@@ -320,7 +338,7 @@ def _params(served: ServedModel, body: schema.SamplingFields, prompt_len: int, *
         seed=body.seed, stop=tuple(body.stop or ()),
         frequency_penalty=float(body.frequency_penalty or 0.0),
         presence_penalty=float(body.presence_penalty or 0.0),
-        logit_bias=bias, logprobs=logprobs, special_text=special_text)
+        logit_bias=bias, logprobs=logprobs, special_text=special_text, grammar=grammar)
 
 
 @dataclass

@@ -57,6 +57,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-probability and the top k
     special_text: bool = False  # show special tokens as text (tool-call markup is parsed from it)
+    grammar: object | None = None  # response_format's grammar (serve.grammar.JsonGrammar): .matcher()
 
     @property
     def greedy(self) -> bool:
@@ -101,6 +102,8 @@ class _Slot:
         self.stops = StopStrings(request.params.stop)
         self.logprobs: list[dict] = []  # entries not yet sent with an event
         self.done = False
+        # This request's own place in its grammar: masks its row of logits only, dropped with the slot.
+        self.matcher = request.params.grammar.matcher() if request.params.grammar is not None else None
         self.generator = None
         if not request.params.greedy:
             self.generator = torch.Generator(device=device)
@@ -471,6 +474,9 @@ class BatchScheduler:
         for i, slot in enumerate(slots):
             _adjust(logits, i, slot)
         finite = torch.isfinite(logits).all(dim=-1)
+        for i, slot in enumerate(slots):  # after the check: a grammar's mask is -inf on purpose
+            if slot.matcher is not None:
+                slot.matcher.mask(logits, i)
         best = torch.argmax(logits, dim=-1)
         tokens: list[tuple[int, dict | None] | None] = []
         for i, (ok, token, slot) in enumerate(zip(finite.tolist(), best.tolist(), slots)):
@@ -487,6 +493,11 @@ class BatchScheduler:
                               f"(temperature {p.temperature}, top_p {p.top_p})", "invalid_request_error")
                     tokens.append(None)
                     continue
+            if slot.matcher is not None and not slot.matcher.accept(token):
+                log.error("request %s: token %s is outside its grammar; failing it alone", slot.request.id, token)
+                slot.fail(f"constrained decoding chose token {token}, which its grammar does not allow")
+                tokens.append(None)
+                continue
             tokens.append((token, _logprob_entry(logits[i], token, p.logprobs)))
         return tokens
 
@@ -604,7 +615,8 @@ def _logprob_entry(row, token: int, top: int | None) -> dict | None:
     entry = {"id": token, "logprob": float(logps[token]), "top": []}
     if top:
         values, ids = torch.topk(logps, min(top, logps.shape[-1]))
-        entry["top"] = list(zip(ids.tolist(), values.tolist()))
+        # Tokens a grammar ruled out score -inf: not alternatives (and not valid JSON numbers).
+        entry["top"] = [(i, v) for i, v in zip(ids.tolist(), values.tolist()) if v != float("-inf")]
     return entry
 
 

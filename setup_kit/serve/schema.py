@@ -101,10 +101,28 @@ class ToolChoiceFunction(BaseModel):
     function: NamedFunction
 
 
+class JsonSchemaSpec(BaseModel):
+    """response_format's json_schema: OpenAI's name, description, schema and strict."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: StrictStr | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a json_schema object ({"name": ..., "schema": {...}})')
+        return self
 
 
 class StreamOptions(BaseModel):
