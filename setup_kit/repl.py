@@ -86,8 +86,14 @@ class Repl:
             except KitError as exc:  # nothing was sent (e.g. no room in the context window)
                 self.term.error(exc)
                 raise
+        calls = list(getattr(self.session.engine, "last_tool_calls", None) or [])
         if streamed:
             self.term.text("\n")
+            for call in calls:  # a server that parses tool calls sends them apart from the text
+                self.term.text(f"tool call: {call['name']}({call['arguments']})\n")
+        if calls:
+            self.term.note("(the model asked for a tool call; chat runs no tools: send the result as your "
+                           "next message to go on)")
         if result.dropped:
             self.term.note(f"(dropped the {result.dropped} oldest messages of the conversation "
                            f"to fit the {self.session.engine.context_window}-token context window)",
@@ -102,7 +108,10 @@ class Repl:
         if result.error is not None:
             self.term.error(result.error)
         if self.term.json:
-            self.term.text(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
+            turn = result.to_json()
+            if calls:
+                turn["tool_calls"] = [{"name": c["name"], "arguments": c["arguments"]} for c in calls]
+            self.term.text(json.dumps(turn, ensure_ascii=False) + "\n")
         return result
 
     # -- the interactive loop ---------------------------------------------------------------

@@ -207,3 +207,33 @@ def test_another_refusal_is_a_failed_turn_with_advice_for_where_the_user_is(
     shown = io.StringIO()
     Terminal(io.StringIO(), Console(file=shown, width=200), interactive=True).error(error)
     assert "HTTP 400" in shown.getvalue() and "(/set)" in shown.getvalue()
+
+
+def test_tool_calls_from_a_kit_server_are_gathered_and_shown_readably(tool_server):
+    """The kit's server parses the model's tool-call markup into OpenAI tool_calls deltas; the engine
+    gathers them and the REPL prints each as name(arguments) after the text, in --json too."""
+    from fixtures.servers import WEATHER_TOOL
+
+    from setup_kit.repl import Repl
+
+    engine = OpenAIEngine(tool_server.url, tools=[WEATHER_TOOL])
+    out, err = io.StringIO(), io.StringIO()
+    repl = Repl(Session(engine, system="Be brief."), Terminal(out=out, err=Console(file=err, width=200)))
+    result = repl.turn("Weather in Paris?")
+    assert result.reply == "Let me check." and result.error is None
+    [call] = engine.last_tool_calls
+    assert call["name"] == "get_weather" and json.loads(call["arguments"]) == {"city": "Paris"} and call["id"]
+    assert out.getvalue() == 'Let me check.\ntool call: get_weather({"city": "Paris"})\n'
+    assert "chat runs no tools" in err.getvalue()
+
+    as_json = Repl(Session(engine, system="Be brief."), Terminal(out=io.StringIO(), err=Console(file=io.StringIO()),
+                                                                json=True))
+    as_json.turn("Weather in Paris?")
+    turn = json.loads(as_json.term.out.getvalue())
+    assert turn["reply"] == "Let me check." and turn["tool_calls"] == [
+        {"name": "get_weather", "arguments": '{"city": "Paris"}'}]
+    # a reply without calls shows none (the engine forgets the last reply's)
+    plain = Repl(Session(OpenAIEngine(tool_server.url), system="Be brief."),
+                 Terminal(out=io.StringIO(), err=Console(file=io.StringIO())))
+    plain.turn("Weather in Paris?")
+    assert "tool call" not in plain.term.out.getvalue()

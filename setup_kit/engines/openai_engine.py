@@ -3,7 +3,8 @@
 
 The HTTP is read on a helper thread so that Ctrl-C (the cancel event) is honoured at once even
 while the server is silent, and a server that goes away mid-reply becomes a clear error after
-the text that did arrive.
+the text that did arrive. Tool calls in a reply (OpenAI's `tool_calls` deltas, streamed in pieces)
+are gathered into `last_tool_calls`, for the REPL to show; the chat itself runs no tools.
 """
 
 from __future__ import annotations
@@ -47,10 +48,13 @@ class OpenAIEngine:
     name = "openai"
 
     def __init__(self, endpoint: str, model: str | None = None, api_key: str | None = None,
-                 *, connect_timeout: float = 10.0, context_window: int | None = None):
+                 *, connect_timeout: float = 10.0, context_window: int | None = None,
+                 tools: list[dict] | None = None):
         import httpx
 
         self.base_url = normalize_endpoint(endpoint)
+        self.tools = tools  # OpenAI tool specs offered with every request (the chat command offers none)
+        self.last_tool_calls: list[dict] = []  # the last reply's calls: {"id", "name", "arguments"}
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # No read timeout: a big model may think for a while before its first token.
         self._client = httpx.Client(headers=headers,
@@ -87,6 +91,8 @@ class OpenAIEngine:
         cancel = cancel or threading.Event()
         stats = GenerationStats(stop="eos")
         self._stats = stats
+        calls: dict[int, dict] = {}
+        self.last_tool_calls = []
         started = time.perf_counter()
         pieces: queue.Queue = queue.Queue()
         response_box: list = []
@@ -116,6 +122,13 @@ class OpenAIEngine:
                     if cancel.is_set():
                         stats.stop = "interrupt"
                         break
+                elif kind == "tool_call":  # pieces of a call, by index: name first, arguments in parts
+                    call = calls.setdefault(value.get("index", len(calls)), {"id": "", "name": "", "arguments": ""})
+                    function = value.get("function") or {}
+                    call["id"] = value.get("id") or call["id"]
+                    call["name"] += function.get("name") or ""
+                    call["arguments"] += function.get("arguments") or ""
+                    self.last_tool_calls = [calls[i] for i in sorted(calls)]
                 elif kind == "finish":
                     stats.stop = "length" if value == "length" else "eos"
                 elif kind == "usage":
@@ -155,6 +168,8 @@ class OpenAIEngine:
             body["seed"] = params.seed
         if params.stop:
             body["stop"] = list(params.stop)
+        if self.tools:
+            body["tools"] = self.tools
         return body
 
     def _list_models(self) -> list[dict]:
@@ -255,9 +270,13 @@ def _chunk_items(event: str):
         raise KitError(f"The server reported an error mid-reply: {message}",
                        fix="The text that arrived is kept in the history; check the server's log.")
     for choice in chunk.get("choices") or []:
-        content = (choice.get("delta") or {}).get("content")
+        delta = choice.get("delta") or {}
+        content = delta.get("content")
         if content:
             yield "text", content
+        for call in delta.get("tool_calls") or []:
+            if isinstance(call, dict):
+                yield "tool_call", call
         if choice.get("finish_reason"):
             yield "finish", choice["finish_reason"]
     if chunk.get("usage"):
