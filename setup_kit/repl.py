@@ -248,7 +248,8 @@ class Repl:
         last = self.session.last
         context = self.session.context_tokens()
         window = self.session.engine.context_window
-        lines = [f"conversation: {len(self.session.history)} messages, {context} of {window} "
+        lines = [f"engine: {self.session.engine.describe()}",
+                 f"conversation: {len(self.session.history)} messages, {context} of {window} "
                  "context tokens"]
         if last is None:
             lines.append("no reply yet")
@@ -384,8 +385,8 @@ def run_chat(request: ChatRequest) -> int:
                          fix=f"Use one of: {', '.join(ENGINES)}.")
     if request.device not in ("auto", "cpu", "cuda") and not request.device.startswith("cuda:"):
         raise UsageError(f"Unknown device {request.device!r}.", fix="Use auto, cpu or cuda.")
-    if request.dtype not in ("auto", "bf16", "fp16", "fp32"):
-        raise UsageError(f"Unknown dtype {request.dtype!r}.", fix="Use auto, bf16, fp16 or fp32.")
+    if request.dtype not in ("auto", "bf16", "fp16", "fp32", "int8", "int4"):
+        raise UsageError(f"Unknown dtype {request.dtype!r}.", fix="Use auto, bf16, fp16, fp32, int8 or int4.")
     model_dir = None
     if engine_name != "openai":
         model_dir = resolve_model_dir(request.model)

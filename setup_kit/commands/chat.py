@@ -26,7 +26,9 @@ def command(
     greedy: bool = typer.Option(False, "--greedy", help="Always pick the likeliest token."),
     seed: int = typer.Option(None, "--seed", metavar="N", min=0, help="Make sampling repeatable."),
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("auto", "--dtype", metavar="DTYPE", help="auto, bf16, fp16 or fp32."),
+    dtype: str = typer.Option("auto", "--dtype", metavar="DTYPE",
+                              help="auto, bf16, fp16, fp32, or int8/int4 (quantized weights, CPU; "
+                                   "auto on a CPU is int8)."),
     prompt: str = typer.Option(None, "--prompt", "-p", metavar="TEXT",
                                help="Answer this one message and exit."),
     as_json: bool = typer.Option(False, "--json",
@@ -36,7 +38,7 @@ def command(
     compile: bool = typer.Option(False, "--compile",
                                  help="Static KV cache + torch.compile (native engine, GPU)."),
     threads: int = typer.Option(None, "--threads", metavar="N", min=1,
-                                help="CPU threads for torch (default: torch's own choice)."),
+                                help="CPU threads for torch (default: one per physical core)."),
 ) -> None:
     """Chat with the model in the terminal, streaming, with memory of the conversation.
 
@@ -44,12 +46,10 @@ def command(
     message and only the replies go to stdout.
     """
     from setup_kit.doctor import short_dtype
+    from setup_kit.engines.quant import set_threads
     from setup_kit.repl import ChatRequest, run_chat
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    set_threads(threads)
     request = ChatRequest(
         model=model, engine=engine, endpoint=endpoint, api_key=api_key, system=system,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy,

@@ -14,7 +14,9 @@ def command(
     port: int = typer.Option(8000, "--port", metavar="PORT", min=1, max=65535),
     engine: str = typer.Option("native", "--engine", "-e", metavar="NAME", help="native (the only engine the kit's server batches; remote-code is refused with what to do)."),
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("auto", "--dtype", metavar="DTYPE", help="auto, bf16, fp16 or fp32."),
+    dtype: str = typer.Option("auto", "--dtype", metavar="DTYPE",
+                              help="auto, bf16, fp16, fp32, or int8/int4 (quantized weights, CPU; "
+                                   "auto on a CPU is int8)."),
     api_key: str = typer.Option(None, "--api-key", metavar="KEY", envvar="INTERNLM_KIT_API_KEY", show_envvar=True,
                                 help="Require `Authorization: Bearer KEY` on /v1 requests."),
     max_batch: int = typer.Option(8, "--max-batch", metavar="N", min=1,
@@ -31,7 +33,7 @@ def command(
                                help="System prompt for requests that bring none (default: InternLM's own; "
                                     "\"\" for none)."),
     threads: int = typer.Option(None, "--threads", metavar="N", min=1,
-                                help="CPU threads for torch (default: torch's own choice)."),
+                                help="CPU threads for torch (default: one per physical core)."),
     default_max_tokens: int = typer.Option(1024, "--default-max-tokens", metavar="N", min=1,
                                            help="Reply budget for requests that set no max_tokens."),
     max_body_mb: float = typer.Option(4.0, "--max-body-mb", metavar="MB", min=0.001,
@@ -43,8 +45,10 @@ def command(
     http://127.0.0.1:8000/v1. --backend lmdeploy|vllm hands the same folder to those servers.
     """
     from setup_kit.doctor import short_dtype
+    from setup_kit.engines.quant import set_threads
     from setup_kit.serve.server import ServeOptions, serve
 
+    set_threads(threads)
     code = serve(ServeOptions(model=model, host=host, port=port, engine=engine, device=device,
                               dtype=short_dtype(dtype), api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                               backend=backend, tp=tp, model_name=model_name,

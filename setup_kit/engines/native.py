@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from setup_kit.decoding import IncrementalDecoder
-from setup_kit.engines import compat
+from setup_kit.engines import compat, quant
 from setup_kit.engines.base import GenerationParams, GenerationStats, Message
 from setup_kit.errors import KitError, ModelFolderError, UsageError
 from setup_kit.stop_strings import StopStrings
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+FORMATS = ("auto", *DTYPE_NAMES, *quant.QUANT_FORMATS)  # what --dtype takes on the native engine
 CHAT_END_TOKENS = ("<|im_end|>",)
 
 
@@ -36,7 +37,7 @@ class LoadInfo:
     model_dir: Path
     layout: str  # "internlm2" (mapped at load) or "llama"
     device: str  # "cpu", "cuda", "cuda:1"
-    dtype: str  # "bf16" | "fp16" | "fp32"
+    dtype: str  # the weights' format: "bf16" | "fp16" | "fp32" | "int8" | "int4"
     reason: str  # why this device/dtype, for the banner
     parameters: int = 0
     load_seconds: float = 0.0
@@ -71,9 +72,11 @@ def choose_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str,
         if dtype == "fp16":
             raise UsageError("fp16 on the CPU is not supported by the native engine (many kernels "
                              "are missing or very slow).", "Use --dtype fp32 (default) or --dtype bf16 on CPU.")
-        chosen = dtype if dtype != "auto" else "fp32"
-        reason = "CPU: fp32 by default" if dtype == "auto" else f"CPU: {chosen} as asked"
-        return device, chosen, reason, ""
+        if dtype != "auto":
+            return device, dtype, f"CPU: {dtype} as asked", ""
+        if quant.native_bf16():
+            return device, "bf16", "CPU with native bf16 (AVX512-BF16/AMX): bf16", ""
+        return device, "fp32", "CPU without native bf16: fp32", ""
     index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
     major, minor = torch.cuda.get_device_capability(index)
     name = torch.cuda.get_device_name(index)
@@ -89,6 +92,30 @@ def choose_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str,
     return device, dtype, reason, name
 
 
+def choose_format(device: str = "auto", dtype: str = "auto") -> tuple[str, str, str | None, str, str]:
+    """(device, compute dtype, quantized format or None, reason, gpu name).
+
+    On the CPU, `auto` is int8 weights (fbgemm's kernels: measured fastest there, for decode and
+    prompts alike, see quant.py); int8/int4 are CPU formats only.
+    """
+    if dtype in quant.QUANT_FORMATS:
+        if device.startswith("cuda"):
+            raise UsageError(f"--dtype {dtype} is a CPU format of the native engine.",
+                             "On a GPU use --dtype auto, bf16 or fp16; or add --device cpu.")
+        if dtype == "int8" and not quant.int8_kernel_available():
+            raise KitError("--dtype int8 needs torch's fbgemm kernels, which this torch build lacks.",
+                           "Use --dtype int4 or bf16.")
+        compute = quant.compute_dtype(dtype)
+        return "cpu", compute, dtype, f"CPU: {dtype} weights as asked, {compute} activations", ""
+    if dtype not in FORMATS:
+        raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(FORMATS)}.", "Pick one, e.g. --dtype int8.")
+    device, chosen, reason, gpu = choose_device_dtype(device, dtype)
+    if device == "cpu" and dtype == "auto" and quant.int8_kernel_available():
+        return (device, "fp32", "int8", "CPU: int8 weights by default (fewer bytes read per token), "
+                "fp32 activations", "")
+    return device, chosen, None, reason, gpu
+
+
 # --- loading ---------------------------------------------------------------------------------
 
 def load_model_and_tokenizer(model_dir, device: str = "auto", dtype: str = "auto"):
@@ -97,14 +124,16 @@ def load_model_and_tokenizer(model_dir, device: str = "auto", dtype: str = "auto
 
     started = time.perf_counter()
     folder = open_model_folder(model_dir)
-    device, dtype, reason, gpu = choose_device_dtype(device, dtype)
+    device, dtype, fmt, reason, gpu = choose_format(device, dtype)
     tokenizer = _load_tokenizer(folder.path)  # first: a folder that is not a chat model fails fast
-    if folder.model_type == "internlm2":
+    layout = "internlm2" if folder.model_type == "internlm2" else "llama"
+    if fmt is not None:
+        model = _load_quantized(folder.path, folder.config, layout, fmt, dtype)
+        dtype = fmt
+    elif layout == "internlm2":
         model = _load_internlm2(folder.path, folder.config, device, dtype)
-        layout = "internlm2"
     else:
         model = _load_llama(folder.path, device, dtype)
-        layout = "llama"
     compat.fit_to_tokens(model, folder.config.get("max_position_embeddings", model.config.max_position_embeddings))
     model.eval()
     _quiet_known_noise()
@@ -113,7 +142,7 @@ def load_model_and_tokenizer(model_dir, device: str = "auto", dtype: str = "auto
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     info = LoadInfo(model_dir=folder.path, layout=layout, device=device, dtype=dtype, reason=reason,
-                    parameters=sum(p.numel() for p in model.parameters()),
+                    parameters=quant.weight_count(model),
                     load_seconds=time.perf_counter() - started,
                     context_window=int(model.config.max_position_embeddings),
                     eos_token_ids=eos, gpu_name=gpu)
@@ -173,6 +202,92 @@ def _load_internlm2(path: Path, config: dict, device: str, dtype: str):
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(path))
     return model
+
+
+def _load_quantized(path: Path, config: dict, layout: str, fmt: str, dtype: str):
+    """An empty Llama model filled from the folder's quantized cache, made first if need be."""
+    from accelerate import init_empty_weights
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from setup_kit.convert import check_internlm2_config, check_tensors, list_source_tensors, llama_config
+
+    if layout == "internlm2":
+        check_internlm2_config(config, path)
+        check_tensors(path, config, list_source_tensors(path))
+        llama = LlamaConfig(**llama_config(config, DTYPE_NAMES[dtype]))
+    else:
+        llama = LlamaConfig.from_pretrained(str(path))
+        llama.torch_dtype = DTYPE_NAMES[dtype]
+    where = quant.valid_cache(path, fmt)
+    if where is None:
+        where = _build_quantized_cache(path, config, layout, fmt, llama)
+    with init_empty_weights(), compat.small_mask_buffer(llama):
+        model = LlamaForCausalLM(llama)
+    try:
+        quant.install(model, where, fmt, torch_dtype_for(dtype))
+    except Exception as exc:  # a chunk damaged after its size was checked: make the cache again
+        logging.getLogger(__name__).warning("quantized cache %s unreadable (%s): rebuilding", where, exc)
+        where = _build_quantized_cache(path, config, layout, fmt, llama)
+        with init_empty_weights(), compat.small_mask_buffer(llama):
+            model = LlamaForCausalLM(llama)
+        quant.install(model, where, fmt, torch_dtype_for(dtype))
+    left = [name for name, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise ModelFolderError(f"{path} lacks weights the model needs: {', '.join(left[:5])}",
+                               f"internlm-kit doctor --model {path}")
+    model.to("cpu")  # the buffers
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    return model
+
+
+def _build_quantized_cache(path: Path, config: dict, layout: str, fmt: str, llama) -> Path:
+    """Quantize the folder, streamed tensor by tensor, with a progress bar on stderr."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    tensors, total = _llama_tensor_stream(path, config, layout, llama)
+    where = quant.cache_dir(path, fmt)
+    console = Console(stderr=True)
+    columns = (TextColumn(f"quantizing {path.name} to {fmt} (once; cached in {where})"), BarColumn(),
+               MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("quantize", total=total)
+        return quant.build_cache(path, fmt, tensors, total,
+                                 progress=lambda done, _total: bar.update(task, completed=done))
+
+
+def _llama_tensor_stream(path: Path, config: dict, layout: str, llama):
+    """(iterator of Llama-named tensors, how many), one tensor in memory at a time; a tied output
+    layer is streamed as its own `lm_head.weight` so it gets quantized like the others."""
+    if layout == "internlm2":
+        from setup_kit.convert import iter_llama_tensors
+
+        source = iter_llama_tensors(path, config)
+    else:
+        source = _iter_safetensors(path)
+    total = 3 + 9 * int(llama.num_hidden_layers)
+    tied = bool(getattr(llama, "tie_word_embeddings", False))
+
+    def stream():
+        for name, tensor in source:
+            yield name, tensor
+            if tied and name == "model.embed_tokens.weight":
+                yield "lm_head.weight", tensor
+    return stream(), total
+
+
+def _iter_safetensors(path: Path):
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelFolderError(f"{path} has no .safetensors weights to quantize.",
+                               "Use --dtype bf16 or fp32 for this folder, or convert it with internlm-kit convert.")
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
 
 
 def _load_llama(path: Path, device: str, dtype: str):
@@ -278,6 +393,8 @@ class NativeEngine:
     def describe(self) -> str:
         info = self.info
         where = f"{info.device} {info.dtype}" + (f" ({info.reason})" if info.reason else "")
+        if info.device == "cpu":
+            where += f" · {quant.threads_note()}"
         mapped = ", mapped from InternLM2" if info.layout == "internlm2" else ""
         compiled = ", static cache + torch.compile" if self.compiled else ""
         return (f"native engine · {where} · {info.model_dir.name} "
