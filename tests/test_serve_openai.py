@@ -193,6 +193,14 @@ def test_tool_choice_naming_a_function_starts_the_reply_inside_that_call(tool_se
     assert reply.choices[0].finish_reason == "tool_calls"
 
 
+def test_tool_choice_required_starts_the_reply_inside_a_call(tool_server):
+    reply = client(tool_server).chat.completions.create(
+        model=KIT_MODEL, messages=ASK, tools=[WEATHER_TOOL], temperature=0, tool_choice="required")
+    [call] = reply.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert reply.choices[0].finish_reason == "tool_calls" and not reply.choices[0].message.content
+
+
 LANGCHAIN_SCRIPT = """
 import json, sys
 from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage

@@ -35,6 +35,7 @@ class Grammars:
     def __init__(self, tokenizer, vocab_size: int, stop_ids: set[int]):
         self._tokenizer, self._vocab_size, self._stop_ids = tokenizer, vocab_size, sorted(stop_ids)
         self._compiler = None
+        self._ed, self._surrogate_seconds = None, []  # byte tokens 0xED and 0xA0-0xBF (see Matcher)
         self._lock = threading.Lock()
 
     def compile(self, kind: str, schema: dict | None = None) -> JsonGrammar:
@@ -66,10 +67,17 @@ class Grammars:
                     raise GrammarError("response_format needs constrained decoding, and this server's "
                                        f"Python has no xgrammar. Install it ({INSTALL_HINT}) and restart "
                                        "the server, or leave response_format out.") from None
-                self._compiler = xgr.GrammarCompiler(self._tokenizer_info(xgr), max_threads=1)
+                try:
+                    info = self._tokenizer_info(xgr)
+                except Exception as exc:  # a tokenizer xgrammar cannot read: this server cannot constrain
+                    raise GrammarError(f"response_format needs constrained decoding, which cannot read this "
+                                       f"model's tokenizer ({type(exc).__name__}: {exc}); leave "
+                                       "response_format out.") from None
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1)
                 vocab = self._tokenizer.get_vocab()
                 self._ed = vocab.get("<0xED>")
-                self._surrogate_seconds = [vocab[f"<0x{b:02X}>"] for b in range(0xA0, 0xC0) if f"<0x{b:02X}>" in vocab]
+                self._surrogate_seconds = [vocab[f"<0x{b:02X}>"] for b in range(0xA0, 0xC0)
+                                           if f"<0x{b:02X}>" in vocab]
             return self._compiler
 
     def _tokenizer_info(self, xgr):
@@ -85,8 +93,9 @@ class Grammars:
         raw_text = detected.vocab_type != xgr.VocabType.BYTE_LEVEL  # pieces spell their text as is
         vocab = [""] * self._vocab_size
         for piece, token_id in tok.get_vocab().items():
-            if token_id < self._vocab_size and token_id not in silent and not (raw_text and _puts_control_char(piece)):
-                vocab[token_id] = piece
+            if token_id >= self._vocab_size or token_id in silent or (raw_text and _puts_control_char(piece)):
+                continue
+            vocab[token_id] = piece
         return xgr.TokenizerInfo(vocab, detected.vocab_type, vocab_size=self._vocab_size,
                                  stop_token_ids=self._stop_ids, add_prefix_space=detected.add_prefix_space)
 
