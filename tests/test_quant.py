@@ -128,9 +128,12 @@ def test_a_converted_llama_folder_quantizes_too(tiny_llama_dir, state):
 def test_cpu_defaults(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     device, compute, fmt, reason, _ = choose_format("auto", "auto")
-    assert (device, compute, fmt) == ("cpu", "fp32", "int8") and "int8" in reason
+    assert (device, compute, fmt) == ("cpu", "bf16", "int4") and "int4" in reason
     assert choose_format("cpu", "fp32")[1:3] == ("fp32", None)
-    assert choose_format("auto", "int4")[:3] == ("cpu", "bf16", "int4")
+    assert choose_format("auto", "int8")[:3] == ("cpu", "fp32", "int8")
+    # A torch without the int4 kernels (before 2.6): int8.
+    monkeypatch.setattr(quant, "int4_kernel_available", lambda: False)
+    assert choose_format("cpu", "auto")[2] == "int8"
     # Without int8 kernels, or for the float formats: bf16 where the CPU has it natively.
     monkeypatch.setattr(quant, "native_bf16", lambda: True)
     assert choose_device_dtype("cpu", "auto")[1] == "bf16"
@@ -159,23 +162,35 @@ def test_threads_default_to_physical_cores(tmp_path, monkeypatch):
     assert quant.physical_cores(root) == 4
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 4})  # one core's two threads
     assert quant.physical_cores(root) == 1
+    # Cores another process keeps busy are left to it.
+    assert quant.default_threads(cores=4, load=0.2) == 4
+    assert quant.default_threads(cores=4, load=1.1) == 3
+    assert quant.default_threads(cores=2, load=7.0) == 1
 
 
 def test_banner_and_stats_say_format_and_threads(folder, state):
-    env = {**os.environ, "INTERNLM_KIT_STATE_DIR": str(state), "NO_COLOR": "1"}
-    done = subprocess.run([EXE, "chat", "--model", str(folder), "--device", "cpu", "--skip-checks",
-                           "--greedy", "--max-new-tokens", "4"],
-                          input="hi\n/stats\n", capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr
-    cores = quant.physical_cores()
-    threads = f"{cores} thread{'s' if cores != 1 else ''} (= physical cores)"
-    assert "cpu int8" in done.stderr and threads in done.stderr, done.stderr
-    assert list(state.glob("quantized/*-int8/manifest.json"))
+    import pexpect
+
+    env = {**os.environ, "INTERNLM_KIT_STATE_DIR": str(state), "NO_COLOR": "1", "TERM": "dumb"}
+    child = pexpect.spawn(EXE, ["chat", "--model", str(folder), "--device", "cpu", "--skip-checks",
+                                "--greedy", "--max-new-tokens", "4"], env=env, encoding="utf-8", timeout=300)
+    try:
+        child.expect(">>> ")
+        banner = child.before
+        assert "cpu int4" in banner and "physical cores" in banner, banner
+        child.sendline("/stats")
+        child.expect(">>> ")
+        assert "engine: native engine · cpu int4" in child.before and "thread" in child.before, child.before
+        child.sendline("/bye")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert list(state.glob("quantized/*-int4/manifest.json"))
     asked = subprocess.run([EXE, "chat", "--model", str(folder), "--device", "cpu", "--skip-checks", "--dtype",
-                            "int4", "--threads", "1", "--prompt", "hi", "--max-new-tokens", "2"],
+                            "int8", "--threads", "1", "--prompt", "hi", "--max-new-tokens", "2"],
                            capture_output=True, text=True, env=env, timeout=300)
     assert asked.returncode == 0, asked.stderr
-    assert "cpu int4" in asked.stderr and "1 thread" in asked.stderr, asked.stderr
+    assert "cpu int8" in asked.stderr and "1 thread" in asked.stderr, asked.stderr
 
 
 def test_serve_answers_on_the_quantized_model(folder, tmp_path):

@@ -28,7 +28,7 @@ def command(
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", "--dtype", metavar="DTYPE",
                               help="auto, bf16, fp16, fp32, or int8/int4 (quantized weights, CPU; "
-                                   "auto on a CPU is int8)."),
+                                   "auto on a CPU is int4)."),
     prompt: str = typer.Option(None, "--prompt", "-p", metavar="TEXT",
                                help="Answer this one message and exit."),
     as_json: bool = typer.Option(False, "--json",
@@ -38,7 +38,7 @@ def command(
     compile: bool = typer.Option(False, "--compile",
                                  help="Static KV cache + torch.compile (native engine, GPU)."),
     threads: int = typer.Option(None, "--threads", metavar="N", min=1,
-                                help="CPU threads for torch (default: one per physical core)."),
+                                help="CPU threads for torch (default: one per physical core not already busy)."),
 ) -> None:
     """Chat with the model in the terminal, streaming, with memory of the conversation.
 

@@ -16,7 +16,7 @@ def command(
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", "--dtype", metavar="DTYPE",
                               help="auto, bf16, fp16, fp32, or int8/int4 (quantized weights, CPU; "
-                                   "auto on a CPU is int8)."),
+                                   "auto on a CPU is int4)."),
     api_key: str = typer.Option(None, "--api-key", metavar="KEY", envvar="INTERNLM_KIT_API_KEY", show_envvar=True,
                                 help="Require `Authorization: Bearer KEY` on /v1 requests."),
     max_batch: int = typer.Option(8, "--max-batch", metavar="N", min=1,
@@ -33,7 +33,7 @@ def command(
                                help="System prompt for requests that bring none (default: InternLM's own; "
                                     "\"\" for none)."),
     threads: int = typer.Option(None, "--threads", metavar="N", min=1,
-                                help="CPU threads for torch (default: one per physical core)."),
+                                help="CPU threads for torch (default: one per physical core not already busy)."),
     default_max_tokens: int = typer.Option(1024, "--default-max-tokens", metavar="N", min=1,
                                            help="Reply budget for requests that set no max_tokens."),
     max_body_mb: float = typer.Option(4.0, "--max-body-mb", metavar="MB", min=0.001,

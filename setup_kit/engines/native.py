@@ -95,8 +95,9 @@ def choose_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str,
 def choose_format(device: str = "auto", dtype: str = "auto") -> tuple[str, str, str | None, str, str]:
     """(device, compute dtype, quantized format or None, reason, gpu name).
 
-    On the CPU, `auto` is int8 weights (fbgemm's kernels: measured fastest there, for decode and
-    prompts alike, see quant.py); int8/int4 are CPU formats only.
+    On the CPU, `auto` is int4 weights (the fewest bytes read per token, and the one format within
+    2.5 GiB at the 1.8B shape; see quant.py), int8 where torch lacks the int4 kernels; int8/int4 are
+    CPU formats only.
     """
     if dtype in quant.QUANT_FORMATS:
         if device.startswith("cuda"):
@@ -105,14 +106,20 @@ def choose_format(device: str = "auto", dtype: str = "auto") -> tuple[str, str, 
         if dtype == "int8" and not quant.int8_kernel_available():
             raise KitError("--dtype int8 needs torch's fbgemm kernels, which this torch build lacks.",
                            "Use --dtype int4 or bf16.")
+        if dtype == "int4" and not quant.int4_kernel_available():
+            raise KitError("--dtype int4 needs torch's CPU int4 kernels (torch 2.6 or later).",
+                           "Use --dtype int8 or bf16, or a newer torch.")
         compute = quant.compute_dtype(dtype)
         return "cpu", compute, dtype, f"CPU: {dtype} weights as asked, {compute} activations", ""
     if dtype not in FORMATS:
         raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(FORMATS)}.", "Pick one, e.g. --dtype int8.")
     device, chosen, reason, gpu = choose_device_dtype(device, dtype)
-    if device == "cpu" and dtype == "auto" and quant.int8_kernel_available():
-        return (device, "fp32", "int8", "CPU: int8 weights by default (fewer bytes read per token), "
-                "fp32 activations", "")
+    if device == "cpu" and dtype == "auto":
+        for fmt, available in (("int4", quant.int4_kernel_available), ("int8", quant.int8_kernel_available)):
+            if available():
+                compute = quant.compute_dtype(fmt)
+                return (device, compute, fmt, f"CPU: {fmt} weights by default (fewest bytes read per token), "
+                        f"{compute} activations", "")
     return device, chosen, None, reason, gpu
 
 
@@ -253,19 +260,22 @@ def _build_quantized_cache(path: Path, config: dict, layout: str, fmt: str, llam
                MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("quantize", total=total)
-        return quant.build_cache(path, fmt, tensors, total,
-                                 progress=lambda done, _total: bar.update(task, completed=done))
+        where = quant.build_cache(path, fmt, tensors, total,
+                                  progress=lambda done, _total: bar.update(task, completed=done))
+    quant.release_freed_memory()
+    return where
 
 
 def _llama_tensor_stream(path: Path, config: dict, layout: str, llama):
     """(iterator of Llama-named tensors, how many), one tensor in memory at a time; a tied output
     layer is streamed as its own `lm_head.weight` so it gets quantized like the others."""
     if layout == "internlm2":
-        from setup_kit.convert import iter_llama_tensors
+        from setup_kit.convert import map_tensor
 
-        source = iter_llama_tensors(path, config)
+        source = ((new_name, new) for name, tensor in quant.read_tensors(path)
+                  for new_name, new in map_tensor(name, tensor, config))
     else:
-        source = _iter_safetensors(path)
+        source = quant.read_tensors(path)
     total = 3 + 9 * int(llama.num_hidden_layers)
     tied = bool(getattr(llama, "tie_word_embeddings", False))
 
@@ -275,19 +285,6 @@ def _llama_tensor_stream(path: Path, config: dict, layout: str, llama):
             if tied and name == "model.embed_tokens.weight":
                 yield "lm_head.weight", tensor
     return stream(), total
-
-
-def _iter_safetensors(path: Path):
-    from safetensors import safe_open
-
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ModelFolderError(f"{path} has no .safetensors weights to quantize.",
-                               "Use --dtype bf16 or fp32 for this folder, or convert it with internlm-kit convert.")
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
 
 
 def _load_llama(path: Path, device: str, dtype: str):

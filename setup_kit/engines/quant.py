@@ -1,18 +1,20 @@
 """Weight-only quantized CPU formats for the native engine, and the CPU facts its defaults follow.
 
 At the 1.8B shape on a CPU, decode reads every weight once per token, so bytes per weight are the
-speed: fp32 reads 6.8 GB a token, bf16 3.4 GB, int8 1.8 GB. The formats, built on torch's own CPU
-kernels (no extra dependency):
+speed: fp32 reads 6.8 GB a token, bf16 3.4 GB, int8 1.8 GB, int4 1.0 GB. The formats, built on
+torch's own CPU kernels (no extra dependency):
 
-| format | weights                                   | activations | matmul                                 |
-| ------ | ----------------------------------------- | ----------- | -------------------------------------- |
-| int8   | int8, one scale per output row            | fp32        | fbgemm's dynamic int8 linear (AVX2)     |
-| int4   | 4-bit, a scale and offset per 64 inputs   | bf16        | `_weight_int4pack_mm_for_cpu`          |
+| format | weights                                   | activations | matmul                              |
+| ------ | ----------------------------------------- | ----------- | ----------------------------------- |
+| int4   | 4-bit, a scale and offset per 64 inputs   | bf16        | `_weight_int4pack_mm_for_cpu`       |
+| int8   | int8, one scale per output row            | fp32        | fbgemm's dynamic int8 linear        |
 
-int8 quantizes each matmul's input to 8 bits on the fly (fbgemm's dynamic linear), so prompts run
-on integer kernels too: one 2048x8192 matmul at 100 tokens measured 3.5x fp32's speed and 7x bf16's on an AVX2 CPU,
-where bf16 has no native instructions. The embedding table is int8 rows (dequantized per token
-looked up); norms stay fp32.
+int4 is the CPU default: at the 1.8B shape it is the one format that stays within 2.5 GiB (1.7 GB
+resident after load), and on an AVX2 CPU without native bf16 its 100-token prompts still ran at
+3.6x bf16's speed (one thread, a busy machine). int8 quantizes each matmul's input to 8 bits on the fly (fbgemm), which makes its prompts
+the fastest (one 2048x8192 matmul at 100 tokens: 3.5x fp32, 7x bf16) and its quality the closest
+to bf16, but fbgemm's packed weights take ~2 bytes per weight in memory (~3.2 GB at 1.8B). The
+embedding table is int8 rows (dequantized for the ids looked up) in both; norms stay unquantized.
 
 Quantized weights are made once per model folder and kept under `state_dir()/quantized/` in the
 portable, unpacked form (int8 rows, or two 4-bit values per byte) in chunks of safetensors files,
@@ -35,7 +37,7 @@ from pathlib import Path
 QUANT_FORMATS = ("int8", "int4")
 FORMAT_VERSION = 1  # bump when what is stored changes: old caches are then rebuilt
 INT4_GROUP = 64
-CHUNK_BYTES = 256 << 20  # one safetensors file per ~256 MB of quantized weights
+CHUNK_BYTES = 64 << 20  # one safetensors file per ~64 MB: the one being read is mapped whole
 
 
 # --- the CPU ---------------------------------------------------------------------------------
@@ -72,12 +74,22 @@ def physical_cores(sys_cpu: Path = Path("/sys/devices/system/cpu")) -> int:
     return max(1, len(cores) or (os.cpu_count() or 1))
 
 
+def default_threads(cores: int | None = None, load: float | None = None) -> int:
+    """One thread per physical core that is not already busy (the 1-minute load average): on a
+    shared 2-core machine at load 7, decode ran 2.8 tokens/s on one thread and 0.3-0.4 on two,
+    whose every parallel step waits for both to be scheduled."""
+    cores = cores or physical_cores()
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, cores - round(load)))
+
+
 def set_threads(threads: int | None) -> int:
-    """torch's CPU threads: as asked, else one per physical core (torch's own default counts
-    hyper-threads, and a busy machine suffers most from threads waiting on each other)."""
+    """torch's CPU threads: as asked, else `default_threads()` (torch's own default counts every
+    core, busy or not)."""
     import torch
 
-    chosen = threads or physical_cores()
+    chosen = threads or default_threads()
     if torch.get_num_threads() != chosen:
         torch.set_num_threads(chosen)
     return chosen
@@ -87,14 +99,24 @@ def threads_note() -> str:
     import torch
 
     threads, cores = torch.get_num_threads(), physical_cores()
-    same = "= physical cores" if threads == cores else f"of {cores} physical cores"
-    return f"{threads} thread{'s' if threads != 1 else ''} ({same})"
+    plural = "s" if threads != 1 else ""
+    if threads == cores:
+        return f"{threads} thread{plural} (= physical cores)"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return f"{threads} thread{plural} ({cores} physical cores, load {load:.1f})"
 
 
 def int8_kernel_available() -> bool:
     import torch
 
     return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def int4_kernel_available() -> bool:
+    """torch's CPU int4 kernels (torch 2.6 and later)."""
+    import torch
+
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
 def compute_dtype(fmt: str) -> str:
@@ -140,8 +162,14 @@ def _modules():
         def __init__(self, nibbles, scales_zeros):
             super().__init__()
             rows, half = nibbles.shape
-            codes = torch.stack([nibbles >> 4, nibbles & 15], dim=-1).reshape(rows, half * 2).to(torch.int32)
-            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+            # Packed in blocks of rows (the same bytes as packing all at once): the packer takes one
+            # int32 per weight, 0.76 GB for the 92544-row output layer in one piece.
+            blocks = []
+            for start in range(0, rows, ROW_BLOCK):
+                part = nibbles[start:start + ROW_BLOCK]
+                codes = torch.stack([part >> 4, part & 15], dim=-1).reshape(part.shape[0], half * 2)
+                blocks.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2))
+            self.packed = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
             self.register_buffer("scales_zeros", scales_zeros.to(torch.bfloat16), persistent=False)
             self.in_features, self.out_features = half * 2, rows
 
@@ -178,37 +206,48 @@ def is_linear(name: str, tensor) -> bool:
     return tensor.dim() == 2 and name.endswith(".weight") and "embed_tokens" not in name
 
 
+ROW_BLOCK = 4096  # rows quantized at a time: the 92544-row tables never go fp32 whole
+
+
 def quantize(fmt: str, name: str, tensor) -> dict:
     """The stored tensors for one Llama-named weight in `fmt`."""
     import torch
 
-    w = tensor.float()
-    if "embed_tokens" in name:
-        return _int8_rows(name, w)
+    if "embed_tokens" in name or (fmt == "int8" and is_linear(name, tensor)):
+        parts = [_int8_rows(tensor[i:i + ROW_BLOCK].to(torch.float32, copy=True)) for i in range(0, tensor.shape[0], ROW_BLOCK)]
+        return {f"{name}.q8": torch.cat([q for q, _ in parts]), f"{name}.scale": torch.cat([s for _, s in parts])}
     if not is_linear(name, tensor):
-        return {name: w.contiguous()}
-    if fmt == "int8":
-        return _int8_rows(name, w)
-    rows, cols = w.shape
+        return {name: tensor.float().contiguous()}
+    rows, cols = tensor.shape
     if cols % INT4_GROUP:
         raise ValueError(f"{name}: {cols} inputs is not a multiple of the int4 group size {INT4_GROUP}")
-    groups = w.reshape(rows, cols // INT4_GROUP, INT4_GROUP)
-    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-    scale = (high - low).clamp(min=1e-8) / 15
-    codes = ((groups - low) / scale).round().clamp(0, 15).to(torch.uint8).reshape(rows, cols)
-    nibbles = (codes[:, 0::2] << 4) | codes[:, 1::2]
-    # The kernel's layout: [groups, rows, (scale, zero)], weight = (code - 8) * scale + zero.
-    zeros = low + scale * 8
-    scales_zeros = torch.cat([scale, zeros], dim=-1).transpose(0, 1).contiguous()
-    return {f"{name}.q4": nibbles.contiguous(), f"{name}.sz": scales_zeros.to(torch.bfloat16)}
+    parts = [_int4_groups(tensor[i:i + ROW_BLOCK].to(torch.float32, copy=True)) for i in range(0, rows, ROW_BLOCK)]
+    # The kernel's layout of scales and zeros: [groups, rows, (scale, zero)].
+    return {f"{name}.q4": torch.cat([q for q, _ in parts]),
+            f"{name}.sz": torch.cat([sz for _, sz in parts], dim=1).contiguous()}
 
 
-def _int8_rows(name: str, w) -> dict:
+def _int8_rows(w):
+    """(int8 rows, one scale per row): w = q * scale."""
     import torch
 
     scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-    q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-    return {f"{name}.q8": q.contiguous(), f"{name}.scale": scale.float()}
+    q = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.float()
+
+
+def _int4_groups(w):
+    """(two 4-bit codes per byte, [groups, rows, (scale, zero)] in bf16): w = (code - 8) * scale + zero."""
+    import torch
+
+    rows, cols = w.shape
+    groups = w.reshape(rows, cols // INT4_GROUP, INT4_GROUP)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = (high - low).clamp(min=1e-8) / 15
+    codes = groups.sub_(low).div_(scale).round_().clamp_(0, 15).to(torch.uint8).reshape(rows, cols)
+    nibbles = (codes[:, 0::2] << 4) | codes[:, 1::2]
+    scales_zeros = torch.cat([scale, low + scale * 8], dim=-1).transpose(0, 1)
+    return nibbles.contiguous(), scales_zeros.to(torch.bfloat16)
 
 
 # --- the cache -------------------------------------------------------------------------------
@@ -249,11 +288,73 @@ def valid_cache(folder: Path, fmt: str) -> Path | None:
     return where
 
 
+SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
+                      "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def read_tensors(folder: Path) -> Iterator[tuple[str, object]]:
+    """(name, tensor) from a folder's weights, one tensor in memory at a time. safetensors files
+    are read with plain reads, not mapped: a mapped shard's pages stay resident while it is open
+    (2 GB of the 1.8B model's first shard), which is what kept a load over 2.5 GiB."""
+    import torch
+
+    from setup_kit.convert import _weight_files, iter_source_tensors
+    from setup_kit.errors import ModelFolderError
+    from setup_kit.modelfolder import read_safetensors_header
+
+    files = _weight_files(folder)
+    if not files:
+        raise ModelFolderError(f"{folder} has no weights to quantize.", f"internlm-kit doctor --model {folder}")
+    if any(p.suffix != ".safetensors" for p in files):
+        yield from iter_source_tensors(folder)  # .bin checkpoints: torch.load, as convert reads them
+        return
+    for path in files:
+        header, _ = read_safetensors_header(path)
+        entries = sorted((item for item in header.items() if item[0] != "__metadata__"),
+                         key=lambda item: item[1]["data_offsets"][0])
+        with path.open("rb", buffering=0) as handle:
+            start = 8 + int.from_bytes(handle.read(8), "little")
+            for name, entry in entries:
+                begin, end = entry["data_offsets"]
+                handle.seek(start + begin)
+                data = bytearray(end - begin)
+                handle.readinto(data)
+                dtype = getattr(torch, SAFETENSORS_DTYPES[entry["dtype"]])
+                tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+                yield name, tensor.reshape(entry["shape"])
+
+
+def _return_big_blocks_at_once() -> None:
+    """Make glibc map every allocation over 1 MB on its own and unmap it when freed. By default it
+    raises that threshold to the size of each big block freed (up to 32 MB), after which the
+    quantizer's tensors come from the heap and fragment it: 0.9 GB more at the peak at 1.8B."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by quantizing back to the system (glibc keeps it for reuse otherwise,
+    and it would count against the loaded model's resident size)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def build_cache(folder: Path, fmt: str, tensors: Iterator[tuple[str, object]], total: int,
                 progress: Callable[[int, int], None] | None = None) -> Path:
     """Quantize the streamed (name, tensor) pairs into the cache, chunk by chunk; manifest last."""
     from safetensors.torch import save_file
 
+    _return_big_blocks_at_once()
     where = cache_dir(folder, fmt)
     if where.exists():
         shutil.rmtree(where)
@@ -301,14 +402,17 @@ def install(model, where: Path, fmt: str, dtype) -> None:
                 base, _, kind = key.rpartition(".")
                 if kind in ("scale", "sz"):
                     continue
+                # Copies, never views of the mapped file: a view would keep the chunk's pages
+                # resident beside the packed weights (seen: 2 GB of file pages after loading).
                 if kind == "q8":
-                    weight, scale = f.get_tensor(key), f.get_tensor(f"{base}.scale")
-                    module = (Int8Embedding(weight.clone(), scale, dtype) if "embed_tokens" in base
+                    weight, scale = f.get_tensor(key).clone(), f.get_tensor(f"{base}.scale").clone()
+                    module = (Int8Embedding(weight, scale, dtype) if "embed_tokens" in base
                               else Int8Linear(weight, scale))
                 elif kind == "q4":
-                    module = Int4Linear(f.get_tensor(key), f.get_tensor(f"{base}.sz"))
+                    module = Int4Linear(f.get_tensor(key).clone(), f.get_tensor(f"{base}.sz").clone())
                 else:
-                    set_module_tensor_to_device(model, key, "cpu", value=f.get_tensor(key).to(dtype))
+                    value = f.get_tensor(key).to(dtype).clone()
+                    set_module_tensor_to_device(model, key, "cpu", value=value)
                     continue
                 _replace(model, base.removesuffix(".weight"), module)
 
