@@ -3,6 +3,7 @@ against bare `model.generate` in one process and against `transformers serve` wi
 `--continuous-batching`, on the same model, with the same requests, in the same run.
 
     .venv/bin/python benchmarks/serve_speed.py [--new-tokens 256] [--clients 1 4 8] [--threads 0]
+    (the kit's server gets bare generate's thread count: torch's default, or --threads)
     .venv/bin/python benchmarks/serve_speed.py --stack 4.46.3 --clients 1 4   # on a profile's transformers
 
 With --stack RELEASE the server and bare generate run in the test suite's cached venv of that
@@ -303,8 +304,9 @@ def main() -> int:
         kit = [str(bin_dir / "internlm-kit"), "serve", "--model", str(model_dir), "--port", str(port),
                "--device", "cpu", "--dtype", "fp32", "--skip-checks", "--model-name", "bench", "--system", "",
                "--max-batch", str(max(args.clients))]
-        if args.threads:
-            kit += ["--threads", str(args.threads)]
+        # The same thread count as bare generate here: serve picks its own by default (the cores not
+        # already busy), which would pair a 1-thread server with a 2-thread bare generate under load.
+        kit += ["--threads", str(torch.get_num_threads())]
         servers["internlm-kit serve"] = measure_server(
             "internlm-kit serve", kit, port, "bench", env, tmp / "kit.log", bare, args.clients,
             args.new_tokens, args.rounds)

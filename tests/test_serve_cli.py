@@ -155,7 +155,8 @@ def test_the_readme_snippet_works_against_a_downloaded_folder_served_by_its_fold
 def test_serve_flags_reach_the_running_server(tiny_internlm2_dir, tmp_path):
     process, port, log = start_serve(
         tiny_internlm2_dir, tmp_path, "--max-batch", "2", "--max-queue", "3", "--model-name", "house-model",
-        "--system", "Answer in French.", env={"INTERNLM_KIT_API_KEY": "s3cret"})
+        "--system", "Answer in French.", "--default-max-tokens", "3", "--max-body-mb", "0.01",
+        env={"INTERNLM_KIT_API_KEY": "s3cret"})
     try:
         base = f"http://127.0.0.1:{port}/v1"
         key = {"Authorization": "Bearer s3cret"}
@@ -176,6 +177,14 @@ def test_serve_flags_reach_the_running_server(tiny_internlm2_dir, tmp_path):
         # --system is the prompt a conversation without one gets: the same tokens as sending it.
         assert prompt_tokens([ask]) == prompt_tokens([{"role": "system", "content": "Answer in French."}, ask])
         assert prompt_tokens([ask]) != prompt_tokens([{"role": "system", "content": "x"}, ask])
+        # --default-max-tokens: a request without max_tokens gets 3 tokens at most
+        unbounded = httpx.post(f"{base}/chat/completions", headers=key, timeout=60, json={
+            "model": "house-model", "messages": [ask], "temperature": 0}).json()
+        assert unbounded["usage"]["completion_tokens"] <= 3
+        # --max-body-mb 0.01: a 20 kB body is refused before it is read
+        big = httpx.post(f"{base}/chat/completions", headers=key, timeout=60, json={
+            "model": "house-model", "messages": [{"role": "user", "content": "x" * 20_000}]})
+        assert big.status_code == 413 and "0.01 MB" in big.json()["error"]["message"]
     finally:
         stop_process(process)
     shown = log.read_text()
