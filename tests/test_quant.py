@@ -193,8 +193,9 @@ def test_banner_and_stats_say_format_and_threads(folder, state):
     assert "cpu int8" in asked.stderr and "1 thread" in asked.stderr, asked.stderr
 
 
-def test_serve_answers_on_the_quantized_model(folder, tmp_path):
-    server = start_kit_serve(Path(sys.executable), folder, tmp_path / "serve", "--dtype", "int8")
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_serve_answers_on_the_quantized_model(folder, tmp_path, fmt):
+    server = start_kit_serve(Path(sys.executable), folder, tmp_path / "serve", "--dtype", fmt)
     try:
         reply = httpx.post(server.url + "/chat/completions", timeout=120,
                            json={"model": server.model, "max_tokens": 8, "temperature": 0,
@@ -204,6 +205,5 @@ def test_serve_answers_on_the_quantized_model(folder, tmp_path):
         assert body["usage"]["completion_tokens"] >= 1
     finally:
         stop_process(server.process)
-    assert list((tmp_path / "serve" / "state").glob("quantized/*-int8/manifest.json"))
-    assert json.loads(next((tmp_path / "serve" / "state").glob("quantized/*-int8/manifest.json")).read_text())[
-        "format"] == "int8"
+    manifest = next((tmp_path / "serve" / "state").glob(f"quantized/*-{fmt}/manifest.json"))
+    assert json.loads(manifest.read_text())["format"] == fmt
