@@ -165,6 +165,16 @@ def test_the_ram_check_behind_the_default_uses_the_doctors_estimate(folder, monk
     assert choose_format("cpu", "auto", fits)[2] == "int4"
 
 
+def test_a_layer_whose_shape_int4_cannot_pack_stays_in_the_compute_dtype():
+    """A vocabulary of 100 rows (not a multiple of 16) or 40 inputs (not of the group size): that
+    layer is kept as it is instead of the load failing in torch's packer."""
+    for shape in ((100, 64), (64, 40)):
+        stored = quant.quantize("int4", "lm_head.weight", torch.randn(*shape))
+        assert list(stored) == ["lm_head.weight"] and stored["lm_head.weight"].shape == shape
+    assert set(quant.quantize("int4", "lm_head.weight", torch.randn(32, 64))) == {"lm_head.weight.q4",
+                                                                                  "lm_head.weight.sz"}
+
+
 def fake_cpus(root: Path, cores: list[tuple[int, int]]) -> Path:
     """/sys/devices/system/cpu as Linux lays it out: cpuN/topology/{physical_package_id,core_id}."""
     for n, (package, core) in enumerate(cores):

@@ -206,6 +206,7 @@ def is_linear(name: str, tensor) -> bool:
     return tensor.dim() == 2 and name.endswith(".weight") and "embed_tokens" not in name
 
 
+INT4_ROWS = 16  # _convert_weight_to_int4pack_for_cpu wants the output rows in multiples of 16
 ROW_BLOCK = 4096  # rows quantized at a time: the 92544-row tables never go fp32 whole
 
 
@@ -219,8 +220,10 @@ def quantize(fmt: str, name: str, tensor) -> dict:
     if not is_linear(name, tensor):
         return {name: tensor.float().contiguous()}
     rows, cols = tensor.shape
-    if cols % INT4_GROUP:
-        raise ValueError(f"{name}: {cols} inputs is not a multiple of the int4 group size {INT4_GROUP}")
+    if cols % INT4_GROUP or rows % INT4_ROWS:
+        # Shapes torch's int4 packer refuses (e.g. a vocabulary that is not a multiple of 16): this
+        # one layer stays in the compute dtype rather than the whole load failing.
+        return {name: tensor.float().contiguous()}
     parts = [_int4_groups(tensor[i:i + ROW_BLOCK].to(torch.float32, copy=True)) for i in range(0, rows, ROW_BLOCK)]
     # The kernel's layout of scales and zeros: [groups, rows, (scale, zero)].
     return {f"{name}.q4": torch.cat([q for q, _ in parts]),
