@@ -143,12 +143,13 @@ def main() -> int:
     gguf = build_gguf(folder, args.llama_cpp.resolve())
     state = args.workdir / "state"
     started = time.perf_counter()
-    warm = kit_chat(folder, state, 4)  # makes the quantized cache (once per folder)
-    print(f"warm-up (quantized cache made if missing): {time.perf_counter() - started:.0f} s, "
-          f"peak {warm['peak'] / GIB:.2f} GiB; the default path's banner: {warm['banner']}", flush=True)
+    warm = kit_chat(folder, state, 4, "--dtype", "int4")  # makes the quantized cache (once per folder)
+    print(f"warm-up (int4 cache made if missing): {time.perf_counter() - started:.0f} s, "
+          f"peak {warm['peak'] / GIB:.2f} GiB; its banner: {warm['banner']}", flush=True)
 
     engines = {
         "internlm-kit chat, CPU defaults": lambda: kit_chat(folder, state, args.new_tokens),
+        "internlm-kit chat --dtype fp32": lambda: kit_chat(folder, state, args.new_tokens, "--dtype", "fp32"),
         f"internlm-kit chat --dtype bf16 --threads {args.threads}":
             lambda: kit_chat(folder, state, args.new_tokens, "--dtype", "bf16", "--threads", str(args.threads)),
         f"llama.cpp Q4_K_M (llama-bench -t {args.threads}, repack off)":
@@ -181,13 +182,15 @@ def main() -> int:
     fmt = re.search(r"· cpu (\w+)", warm["banner"])
     cache = sum(p.stat().st_size for p in state.glob(f"quantized/{folder.name}-*-{fmt[1] if fmt else '*'}/chunk-*"))
     weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-    files = {names[0]: cache, names[1]: weights}
+    files = {names[0]: cache, names[1]: weights, names[2]: weights}
     for name in names:
         m = median[name]
         size = files.get(name, gguf.stat().st_size)
         print(f"| {name} | {m['decode']:.2f} | {m['prompt']:.1f} | {m['peak'] / GIB:.2f} GiB | {size / 1e9:.2f} GB |")
-    default, bf16, q4 = (median[n] for n in names[:3])
+    default, fp32, bf16, q4 = (median[n] for n in names[:4])
     print("the default path's banner: " + results[names[0]][-1]["banner"])
+    print(f"default vs fp32: decode {default['decode'] / fp32['decode']:.2f}x, prompt {default['prompt'] / fp32['prompt']:.2f}x, "
+          f"peak {default['peak'] / fp32['peak']:.2f}x")
     print(f"\ndefault vs llama.cpp Q4_K_M decode: {default['decode'] / q4['decode']:.2f}x (target >= 1.0); "
           f"default vs bf16 prompt: {default['prompt'] / bf16['prompt']:.2f}x (target >= 1.0); "
           f"default peak {default['peak'] / GIB:.2f} GiB (target <= 2.5)")

@@ -127,42 +127,22 @@ def test_a_converted_llama_folder_quantizes_too(tiny_llama_dir, state):
 
 def test_cpu_defaults(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(quant, "native_bf16", lambda: False)
-    # A model that fits in the RAM there is: full precision (int4 is no faster here, and less exact).
-    device, compute, fmt, reason, _ = choose_format("auto", "auto", lambda dtype: (True, "~1 of 8 GiB"))
-    assert (device, compute, fmt) == ("cpu", "fp32", None) and "fits in RAM (~1 of 8 GiB" in reason
-    # One that does not: int4 weights, and the banner says why.
-    device, compute, fmt, reason, _ = choose_format("auto", "auto", lambda dtype: (False, "~9.8 GiB needed"))
-    assert (device, compute, fmt) == ("cpu", "bf16", "int4") and "would not fit in RAM (~9.8 GiB needed)" in reason
+    device, compute, fmt, reason, _ = choose_format("auto", "auto")
+    assert (device, compute, fmt) == ("cpu", "bf16", "int4") and "int4" in reason
     assert choose_format("cpu", "fp32")[1:3] == ("fp32", None)
     assert choose_format("auto", "int8")[:3] == ("cpu", "fp32", "int8")
     # A torch without the int4 kernels (before 2.6): int8.
     monkeypatch.setattr(quant, "int4_kernel_available", lambda: False)
-    assert choose_format("cpu", "auto", lambda dtype: (False, ""))[2] == "int8"
+    assert choose_format("cpu", "auto")[2] == "int8"
     # Without int8 kernels, or for the float formats: bf16 where the CPU has it natively.
     monkeypatch.setattr(quant, "native_bf16", lambda: True)
     assert choose_device_dtype("cpu", "auto")[1] == "bf16"
     monkeypatch.setattr(quant, "native_bf16", lambda: False)
     assert choose_device_dtype("cpu", "auto")[1] == "fp32"
     monkeypatch.setattr(quant, "int8_kernel_available", lambda: False)
-    assert choose_format("cpu", "auto", lambda dtype: (False, ""))[2] is None
+    assert choose_format("cpu", "auto")[2] is None
     with pytest.raises(UsageError, match="CPU format"):
         choose_format("cuda", "int8")
-
-
-def test_the_ram_check_behind_the_default_uses_the_doctors_estimate(folder, monkeypatch):
-    from setup_kit.checks import system
-    from setup_kit.engines.native import fits_in_ram
-    from setup_kit.modelfolder import open_model_folder
-
-    fits = fits_in_ram(open_model_folder(folder))
-    monkeypatch.setattr(system, "memory_info", lambda: (64 << 30, 32 << 30))
-    enough, said = fits("fp32")
-    assert enough and "GiB needed, 32.0 GiB available" in said
-    monkeypatch.setattr(system, "memory_info", lambda: (1 << 30, 1 << 20))  # 1 MiB left: nothing fits
-    assert fits("fp32")[0] is False
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert choose_format("cpu", "auto", fits)[2] == "int4"
 
 
 def test_a_layer_whose_shape_int4_cannot_pack_stays_in_the_compute_dtype():
@@ -202,7 +182,7 @@ def test_banner_and_stats_say_format_and_threads(folder, state):
     import pexpect
 
     env = {**os.environ, "INTERNLM_KIT_STATE_DIR": str(state), "NO_COLOR": "1", "TERM": "dumb"}
-    child = pexpect.spawn(EXE, ["chat", "--model", str(folder), "--device", "cpu", "--skip-checks", "--dtype", "int4",
+    child = pexpect.spawn(EXE, ["chat", "--model", str(folder), "--device", "cpu", "--skip-checks",
                                 "--greedy", "--max-new-tokens", "4"], env=env, encoding="utf-8", timeout=300)
     try:
         child.expect(">>> ")

@@ -92,15 +92,12 @@ def choose_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str,
     return device, dtype, reason, name
 
 
-def choose_format(device: str = "auto", dtype: str = "auto", fits=None) -> tuple[str, str, str | None, str, str]:
+def choose_format(device: str = "auto", dtype: str = "auto") -> tuple[str, str, str | None, str, str]:
     """(device, compute dtype, quantized format or None, reason, gpu name).
 
-    On the CPU, `auto` is the full-precision format (bf16 where the CPU has it natively, else fp32)
-    when the model fits in the RAM available (`fits(dtype)` -> (bool, what it needs of what there is)),
-    and int4 weights when it does not (int8 where torch lacks the int4 kernels). Measured on this
-    2-core AVX2 machine (benchmarks/cpu_speed.py, README), torch's int4 matmul decodes no faster than
-    fp32 and prefills slower, and agrees with bf16 on 88.7% of top-1 tokens: it is what makes a model
-    fit, not a speed-up, so it is chosen only when it is needed. int8/int4 are CPU formats only.
+    On the CPU, `auto` is int4 weights (the fewest bytes read per token, and the one format within
+    2.5 GiB at the 1.8B shape; see quant.py), int8 where torch lacks the int4 kernels; int8/int4 are
+    CPU formats only.
     """
     if dtype in quant.QUANT_FORMATS:
         if device.startswith("cuda"):
@@ -118,34 +115,12 @@ def choose_format(device: str = "auto", dtype: str = "auto", fits=None) -> tuple
         raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(FORMATS)}.", "Pick one, e.g. --dtype int8.")
     device, chosen, reason, gpu = choose_device_dtype(device, dtype)
     if device == "cpu" and dtype == "auto":
-        enough, need = fits(chosen) if fits is not None else (True, "")
-        if enough:
-            return device, chosen, None, reason + (f"; fits in RAM ({need}; --dtype int4 takes about a quarter)"
-                                                   if need else ""), gpu
         for fmt, available in (("int4", quant.int4_kernel_available), ("int8", quant.int8_kernel_available)):
             if available():
                 compute = quant.compute_dtype(fmt)
-                return (device, compute, fmt, f"CPU: {chosen} would not fit in RAM ({need}), so {fmt} weights, "
+                return (device, compute, fmt, f"CPU: {fmt} weights by default (a quarter of fp32's memory; --dtype fp32 for full precision), "
                         f"{compute} activations", "")
     return device, chosen, None, reason, gpu
-
-
-def fits_in_ram(folder):
-    """For choose_format: whether this folder's model at a CPU dtype fits in the RAM available now,
-    by the doctor's own estimate (weights, a 4096-token context, activations, runtime)."""
-    def fits(dtype: str) -> tuple[bool, str]:
-        from setup_kit.checks.gpu import memory_estimate
-        from setup_kit.checks.system import memory_info
-
-        params = folder.parameters or 0
-        if not params:
-            return True, ""
-        config = folder.config or {}
-        tokens = min(4096, int(config.get("max_position_embeddings") or 4096))
-        need = sum(memory_estimate(config, params, 2 if dtype == "bf16" else 4, tokens, on_cpu=True).values())
-        _, available = memory_info()
-        return need <= available, f"~{need / 2**30:.1f} GiB needed, {available / 2**30:.1f} GiB available"
-    return fits
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -156,7 +131,7 @@ def load_model_and_tokenizer(model_dir, device: str = "auto", dtype: str = "auto
 
     started = time.perf_counter()
     folder = open_model_folder(model_dir)
-    device, dtype, fmt, reason, gpu = choose_format(device, dtype, fits_in_ram(folder))
+    device, dtype, fmt, reason, gpu = choose_format(device, dtype)
     tokenizer = _load_tokenizer(folder.path)  # first: a folder that is not a chat model fails fast
     layout = "internlm2" if folder.model_type == "internlm2" else "llama"
     if fmt is not None:
