@@ -21,9 +21,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from setup_kit import dtypes
 from setup_kit.errors import KitError, ModelFolderError, UsageError
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DTYPES = dtypes.TORCH_NAMES
 DEFAULT_MAX_SHARD_BYTES = 2 * 1000**3  # like the hub's 2 GB shards
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _RENAMES = {
@@ -146,7 +147,7 @@ class SourceTensor:
     dtype: str  # torch dtype name, e.g. "bfloat16"
 
 
-_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+_ST_DTYPES = dtypes.SAFETENSORS
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -10,6 +10,7 @@ import platform
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from setup_kit import dtypes
 from setup_kit.checks import Context, all_checks, run_checks, select_checks
 from setup_kit.checks.packages import ENGINE_PACKAGES  # noqa: F401  (re-exported for chat/serve)
 from setup_kit.report import Report
@@ -23,19 +24,14 @@ PREFLIGHT_CHECKS = {
 }
 
 
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-
-
 def normalize_dtype(dtype: str | None) -> str:
-    dtype = (dtype or "auto").lower().removeprefix("torch.")
-    return DTYPE_ALIASES.get(dtype, dtype)
+    return dtypes.torch_name(dtype)
 
 
 def short_dtype(dtype: str | None) -> str:
     """The engines' and convert's spelling (bf16, fp16, fp32) for any name the doctor accepts, so a
     `--dtype float16` copied from a doctor fix works on every verb. Unknown names pass through."""
-    long = normalize_dtype(dtype)
-    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(long, long)
+    return dtypes.short_name(dtype)
 
 
 def normalize_device(device: str | None) -> str:

@@ -19,13 +19,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from setup_kit import dtypes
 from setup_kit.decoding import IncrementalDecoder
 from setup_kit.engines import compat, quant
 from setup_kit.engines.base import GenerationParams, GenerationStats, Message
 from setup_kit.errors import KitError, ModelFolderError, UsageError
 from setup_kit.stop_strings import StopStrings
 
-DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DTYPE_NAMES = dtypes.TORCH_NAMES
 FORMATS = ("auto", *DTYPE_NAMES, *quant.QUANT_FORMATS)  # what --dtype takes on the native engine
 CHAT_END_TOKENS = ("<|im_end|>",)
 
@@ -398,9 +399,12 @@ class NativeEngine:
                 f"({info.parameters / 1e6:,.1f}M parameters{mapped}{compiled})")
 
     def encode_chat(self, messages: list[Message]) -> list[int]:
-        """Token ids of the chat template applied to `messages`, ending with the assistant prefix."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        """Token ids of the chat template applied to `messages`, ending with the assistant prefix.
+        The server's encoding (one implementation): control tokens come only from the template, so
+        `<|im_end|>` typed in a message stays text in chat as it does in serve."""
+        from setup_kit.serve.prompt import encode_chat
+
+        return encode_chat(self.tokenizer, messages)
 
     def count_prompt_tokens(self, messages: list[Message]) -> int:
         return len(self.encode_chat(messages))

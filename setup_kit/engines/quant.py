@@ -34,6 +34,8 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from setup_kit import dtypes
+
 QUANT_FORMATS = ("int8", "int4")
 FORMAT_VERSION = 1  # bump when what is stored changes: old caches are then rebuilt
 INT4_GROUP = 64
@@ -291,8 +293,7 @@ def valid_cache(folder: Path, fmt: str) -> Path | None:
     return where
 
 
-SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
-                      "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+SAFETENSORS_DTYPES = dtypes.SAFETENSORS
 
 
 def read_tensors(folder: Path) -> Iterator[tuple[str, object]]:

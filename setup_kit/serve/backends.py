@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from setup_kit import dtypes
 from setup_kit.errors import KitError
 
 TORCH_INDEX = "https://download.pytorch.org/whl/cu{}"
@@ -24,7 +25,7 @@ TORCH_INDEX = "https://download.pytorch.org/whl/cu{}"
 VLLM_CUDA_BUILDS = ("126", "128", "129", "130")
 # LMDeploy's PyPI wheel is built for CUDA 12; CUDA 11 users take the +cu118 wheel from its releases.
 LMDEPLOY_CU118_VERSION = "0.7.1"
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DTYPES = dtypes.TORCH_NAMES
 
 
 @dataclass
