@@ -64,7 +64,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 ifeq ($(strip $(PROFILE)),)
 	$(BIN)/python -m pip install "$(TORCH)"
-	$(BIN)/python -m pip install -e ".[chat,serve,test]"
+	$(BIN)/python -m setup_kit.profiles cpu --constraints > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install -e ".[chat,serve,test]" -c $(VENV)/constraints.txt
 else
 	$(BIN)/python -m pip install -e ".[serve,test]"
 	$(BIN)/internlm-kit install $(PROFILE_ARG) --python $(BIN)/python --yes

@@ -141,8 +141,16 @@ def unmet_pins(profile: Profile, installed_version=None) -> list[Pin]:
 
 if __name__ == "__main__":
     # `python -m setup_kit.profiles NAME`: exit 0 when this interpreter satisfies the profile.
+    # `python -m setup_kit.profiles NAME --constraints`: its pins but torch's, as a pip constraints
+    # file (stdlib only, so it runs before anything is installed): `make setup`'s dev stack is the
+    # cpu profile's, not whatever the index has newest that day.
     import sys
 
+    if sys.argv[2:] == ["--constraints"]:
+        for pin in load_profile(sys.argv[1]).pins:
+            if pin.group != "torch":
+                print(pin.requirement)
+        sys.exit(0)
     missing = unmet_pins(load_profile(sys.argv[1]))
     for pin in missing:
         print(f"{pin.requirement} is not installed", file=sys.stderr)
