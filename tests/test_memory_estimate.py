@@ -51,3 +51,46 @@ def test_the_doctors_estimate_holds_for_a_real_chat_on_the_developers_stack(benc
 @pytest.mark.parametrize("release", ["4.38.2", "4.46.3"])
 def test_the_doctors_estimate_holds_for_a_real_chat_on_the_profiles_stacks(release, bench_32k_dir, tmp_path):
     assert_estimate_holds(stack_venv(release), bench_32k_dir, tmp_path)
+
+
+def test_the_doctors_estimate_holds_for_the_cpu_default_int4(bench_32k_dir, tmp_path):
+    # int4 is what `chat` loads on a CPU by default, so it is what the doctor estimates with --dtype auto;
+    # the first run also builds the quantized cache, streaming the folder.
+    from setup_kit.checks.gpu import QUANT_FORMATS, memory_estimate
+    from setup_kit.modelfolder import inspect_model_folder
+
+    reply, peak = chat_peak(Path(sys.executable), bench_32k_dir, tmp_path / "state", long_prompt(), NEW_TOKENS,
+                            dtype="int4")
+    tokens = reply["prompt_tokens"] + reply["completion_tokens"]
+    assert 3800 <= tokens <= 4096, tokens
+    folder = inspect_model_folder(bench_32k_dir)
+    linear, embedding, _ = QUANT_FORMATS["int4"]
+    embedded = folder.config["vocab_size"] * folder.config["hidden_size"]
+    weights = int((folder.parameters - embedded) * linear + embedded * embedding)
+    estimate = sum(memory_estimate(folder.config, folder.parameters, 2, tokens, on_cpu=True,
+                                   largest_shard=64 << 20, weight_bytes=weights).values())
+    assert peak <= estimate <= 1.5 * peak, (peak / GIB, estimate / GIB)
+    for asked in ("int4", "auto"):  # auto: this torch has the int4 kernels, so the engine's default is int4
+        said, how = doctor_ram_estimate(Path(sys.executable), bench_32k_dir, asked)
+        assert abs(said - estimate / GIB) <= 0.1, (asked, said, estimate / GIB, how)
+        assert "int4 weights" in how and "bfloat16 activations" in how
+
+
+@pytest.mark.parametrize("torch_version, machine, expected", [
+    ("2.13.0", "x86_64", "int4"), ("2.6.0+cpu", "aarch64", "int4"), (None, "x86_64", "int4"),
+    ("2.1.2", "x86_64", "int8"), ("2.1.2", "aarch64", "float32")])
+def test_the_cpu_default_the_doctor_estimates_follows_the_targets_torch(torch_version, machine, expected,
+                                                                         monkeypatch):
+    # torch 2.1.2 (the tutorial's) lacks the CPU int4 kernels: the engine falls back to fbgemm's int8
+    # (x86-64 builds), else full precision.
+    from setup_kit.checks.base import Context
+    from setup_kit.checks.system import cpu_format
+    from setup_kit.engines import quant
+    from setup_kit.probe import Distribution, EnvironmentFacts
+
+    monkeypatch.setattr(quant, "native_bf16", lambda: False)
+    dists = {"torch": Distribution("torch", torch_version, ())} if torch_version else {}
+    ctx = Context(python=sys.executable, env=EnvironmentFacts({}, {"machine": machine}, {}, dists, {}))
+    assert cpu_format(ctx) == expected
+    ctx.dtype = "int8"
+    assert cpu_format(ctx) == "int8"

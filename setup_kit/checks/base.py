@@ -111,7 +111,7 @@ class Context:
     profile_reason: str = ""
     profile_explicit: bool = False
     fix_profile: Profile | None = None  # where pinned fixes come from when no profile was chosen
-    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32 | int8 | int4 (CPU formats)
     device: str = "auto"  # auto | cuda | cpu
     engine: str | None = None  # set by the preflight: the engine about to run
     engine_reason: str = ""  # why the doctor assumed that engine

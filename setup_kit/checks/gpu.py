@@ -25,6 +25,12 @@ DEFAULT_CONFIG = {"num_hidden_layers": 24, "num_attention_heads": 16, "num_key_v
 CONTEXT_TOKENS = 4096  # the KV cache the memory estimate leaves room for
 OVERHEAD_BYTES = 1 << 30  # on a GPU: the CUDA context and the allocator's slack
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# The native engine's quantized CPU formats (setup_kit/engines/quant.py): bytes held per weight of a
+# linear layer and of the embedding table, and the compute dtype of activations and the KV cache.
+QUANT_FORMATS = {
+    "int4": (0.5 + 4 / 64, 1, "bfloat16"),  # two values a byte + a bf16 scale and offset per 64; int8 embedding rows
+    "int8": (2, 1, "float32"),  # fbgemm's packed weights hold ~2 bytes a weight (3.2 GB at 1.8B); int8 embedding rows
+}
 
 
 @lru_cache(maxsize=1)
@@ -220,7 +226,7 @@ ACTIVATION_FACTOR = 10  # a prompt's forward peaks at about 8.6 x tokens x (hidd
 
 
 def memory_estimate(config: dict, params: int, dtype_bytes: int, tokens: int, *, on_cpu: bool,
-                    largest_shard: int = 0) -> dict[str, int]:
+                    largest_shard: int = 0, weight_bytes: int | None = None) -> dict[str, int]:
     """Bytes the native engine holds at its peak with a context of `tokens` tokens, by part; the
     peak is their sum.
 
@@ -241,7 +247,7 @@ def memory_estimate(config: dict, params: int, dtype_bytes: int, tokens: int, *,
     kv = layers * 2 * kv_heads * head_dim * dtype_bytes * tokens
     activations = ACTIVATION_FACTOR * tokens * (hidden + intermediate) * dtype_bytes
     return {
-        "weights": params * dtype_bytes,
+        "weights": params * dtype_bytes if weight_bytes is None else weight_bytes,
         "kv": kv,
         "activations": activations,
         "loading": max(0, largest_shard - kv - activations) if on_cpu else 0,
@@ -252,15 +258,29 @@ def memory_estimate(config: dict, params: int, dtype_bytes: int, tokens: int, *,
 def model_bytes(ctx: Context, dtype: str, *, on_cpu: bool = False) -> tuple[int, str]:
     """What the native engine needs for the folder (or internlm2-chat-1_8b) in `dtype` with a
     context of CONTEXT_TOKENS; and how it was estimated."""
-    size = DTYPE_BYTES.get(dtype, 2)
     model = ctx.model
     params = model.parameters if model and model.parameters else DEFAULT_PARAMETERS
     config = model.config if model and model.config else {}
     tokens = min(CONTEXT_TOKENS, int(config.get("max_position_embeddings") or CONTEXT_TOKENS))
     shard = max((w.size for w in model.weight_files), default=0) if model else 2 * 2**30
-    parts = memory_estimate(config, params, size, tokens, on_cpu=on_cpu, largest_shard=shard)
     source = "the model folder's shards" if model and model.parameters else "internlm2-chat-1_8b"
-    how = (f"{parameters(params)} ({source}) x {size} bytes ({dtype}) = {gib(parts['weights'])}"
+    if dtype in QUANT_FORMATS:
+        linear, embedding, compute = QUANT_FORMATS[dtype]
+        hidden = config.get("hidden_size") or DEFAULT_CONFIG["hidden_size"]
+        embedded = min(params, int(config.get("vocab_size") or 92544) * hidden)
+        weights = int((params - embedded) * linear + embedded * embedding)
+        size = DTYPE_BYTES[compute]
+        # The quantized cache is read one ~64 MB chunk at a time (its first build streams the folder
+        # tensor by tensor), so no shard is ever mapped whole.
+        parts = memory_estimate(config, params, size, tokens, on_cpu=on_cpu, weight_bytes=weights,
+                                largest_shard=64 << 20)
+        what = (f"{parameters(params)} ({source}) as {dtype} weights ({linear:.2f} bytes each, the embedding "
+                f"{embedding}) = {gib(parts['weights'])}, {compute} activations")
+    else:
+        size = DTYPE_BYTES.get(dtype, 2)
+        parts = memory_estimate(config, params, size, tokens, on_cpu=on_cpu, largest_shard=shard)
+        what = f"{parameters(params)} ({source}) x {size} bytes ({dtype}) = {gib(parts['weights'])}"
+    how = (what +
            f" + KV cache for {tokens} tokens {gib(parts['kv'])} + a {tokens}-token prompt's forward "
            f"{gib(parts['activations'])}"
            + (f" + a shard being loaded {gib(parts['loading'])}" if parts["loading"] else "")

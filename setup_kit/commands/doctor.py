@@ -20,8 +20,9 @@ def command(
     only: Optional[str] = typer.Option(None, "--only", metavar="ID[,ID...]",
                                        help="Run only these checks (ids or prefixes such as 'model')."),
     list_checks: bool = typer.Option(False, "--list-checks", help="List the check ids and exit."),
-    dtype: str = typer.Option("auto", "--dtype", metavar="DTYPE", help="dtype for the GPU memory and bf16 checks: "
-                                                      "auto, bfloat16, float16, float32."),
+    dtype: str = typer.Option("auto", "--dtype", metavar="DTYPE", help="dtype for the memory and bf16 checks: "
+                                                      "auto, bfloat16, float16, float32; or the CPU formats "
+                                                      "int8, int4."),
     engine: Optional[str] = typer.Option(None, "--engine", metavar="ENGINE",
                                          help="Whose verdict: native (the kit's default engine, no remote code) or "
                                               "remote-code (trust_remote_code: remote code that cannot run is a "
@@ -51,8 +52,8 @@ def command(
     from setup_kit.doctor import diagnose, normalize_dtype
     from setup_kit.report import render
 
-    if normalize_dtype(dtype) not in ("auto", "bfloat16", "float16", "float32"):
-        raise UsageError(f"--dtype {dtype} is not one of auto, bfloat16, float16, float32.",
+    if normalize_dtype(dtype) not in ("auto", "bfloat16", "float16", "float32", "int8", "int4"):
+        raise UsageError(f"--dtype {dtype} is not one of auto, bfloat16, float16, float32, int8, int4.",
                          "Pass --dtype float16 (GPUs before compute capability 8.0) or leave it out.")
     if engine not in (None, "native", "remote-code"):
         raise UsageError(f"--engine {engine} is not one of native, remote-code.",
