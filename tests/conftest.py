@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 
 import pytest
 
@@ -29,6 +30,15 @@ def chromium_path() -> str | None:
     if named is not None:
         return named if os.path.isfile(named) else None
     return shutil.which("chromium") or (("/usr/bin/chromium") if os.path.isfile("/usr/bin/chromium") else None)
+
+
+def pytest_configure(config):
+    """A shell that starts `make test` in the background (`nohup make test &`, some CI runners) leaves
+    SIGINT ignored, and every process the tests start inherits that: the Ctrl-C tests would then
+    find the kit deaf to Ctrl-C. Restoring Python's own handler here gives each child the default
+    disposition again (a handler, unlike an ignore, does not survive exec)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config, items):

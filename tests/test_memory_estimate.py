@@ -54,26 +54,26 @@ def test_the_doctors_estimate_holds_for_a_real_chat_on_the_profiles_stacks(relea
 
 
 def test_the_doctors_estimate_holds_for_the_cpu_default_int4(bench_32k_dir, tmp_path):
-    # int4 is what `chat` loads on a CPU by default, so it is what the doctor estimates with --dtype auto;
-    # the first run also builds the quantized cache, streaming the folder.
-    from setup_kit.checks.gpu import QUANT_FORMATS, memory_estimate
+    # int4 is what `chat` loads on a CPU by default, so it is what the doctor estimates with --dtype auto.
+    from setup_kit.checks.base import Context
+    from setup_kit.checks.gpu import model_bytes
     from setup_kit.modelfolder import inspect_model_folder
 
-    reply, peak = chat_peak(Path(sys.executable), bench_32k_dir, tmp_path / "state", long_prompt(), NEW_TOKENS,
-                            dtype="int4")
+    # Twice: the first run builds the quantized cache, the second loads it (it peaked higher, measured).
+    peaks = []
+    for _ in range(2):
+        reply, peak = chat_peak(Path(sys.executable), bench_32k_dir, tmp_path / "state", long_prompt(),
+                                NEW_TOKENS, dtype="int4")
+        peaks.append(peak)
     tokens = reply["prompt_tokens"] + reply["completion_tokens"]
     assert 3800 <= tokens <= 4096, tokens
-    folder = inspect_model_folder(bench_32k_dir)
-    linear, embedding, _ = QUANT_FORMATS["int4"]
-    embedded = folder.config["vocab_size"] * folder.config["hidden_size"]
-    weights = int((folder.parameters - embedded) * linear + embedded * embedding)
-    estimate = sum(memory_estimate(folder.config, folder.parameters, 2, tokens, on_cpu=True,
-                                   largest_shard=64 << 20, weight_bytes=weights).values())
-    assert peak <= estimate <= 1.5 * peak, (peak / GIB, estimate / GIB)
+    estimate, _ = model_bytes(Context(python=sys.executable, model=inspect_model_folder(bench_32k_dir)), "int4",
+                              on_cpu=True)
+    assert max(peaks) <= estimate <= 1.5 * max(peaks), ([p / GIB for p in peaks], estimate / GIB)
     for asked in ("int4", "auto"):  # auto: this torch has the int4 kernels, so the engine's default is int4
         said, how = doctor_ram_estimate(Path(sys.executable), bench_32k_dir, asked)
         assert abs(said - estimate / GIB) <= 0.1, (asked, said, estimate / GIB, how)
-        assert "int4 weights" in how and "bfloat16 activations" in how
+        assert "int4 weights" in how and "a cache chunk being loaded" in how
 
 
 @pytest.mark.parametrize("torch_version, machine, expected", [
