@@ -62,6 +62,17 @@ def test_quantized_logits_stay_close_to_the_reference(folder, state, fmt, most_e
     assert not [n for n, m in engine.model.named_modules() if isinstance(m, torch.nn.Linear)]
     assert type(engine.model.model.embed_tokens).__name__ == "Int8Embedding"
     assert engine.info.parameters == NativeEngine(folder, device="cpu", dtype="fp32").info.parameters
+    # What is not quantized (the norms) is in the compute dtype, so the residual stream is too: fp32
+    # norms made it fp32 behind the int4 matmuls (and failed SDPA on transformers 4.38).
+    compute = {"int8": torch.float32, "int4": torch.bfloat16}[fmt]
+    assert {p.dtype for p in engine.model.parameters()} == {compute}
+    seen = []
+    hook = engine.model.model.layers[0].register_forward_hook(lambda m, args, out: seen.append(out[0].dtype
+                                                              if isinstance(out, tuple) else out.dtype))
+    with torch.no_grad():
+        engine.model(torch.tensor([ids[:8]]))
+    hook.remove()
+    assert seen == [compute]
 
 
 def test_the_cache_is_made_once_and_reused(folder, state, monkeypatch):

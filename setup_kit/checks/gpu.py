@@ -31,12 +31,9 @@ QUANT_FORMATS = {
     "int4": (0.5 + 4 / 64, 1, "bfloat16"),  # two values a byte + a bf16 scale and offset per 64; int8 embedding rows
     "int8": (2, 1, "float32"),  # fbgemm's packed weights hold ~2 bytes a weight (3.2 GB at 1.8B); int8 embedding rows
 }
-# Measured at the benchmark shape on a fresh `make setup` venv (chat --prompt, 4096-token context):
-# int4 peaks 0.71-0.89 GiB, as high as fp32's 0.89 although its weights are a seventh (the int4
-# kernels take and give fp32 around each matmul), and 0.57 GiB before any prompt (fp32 0.56 less its
-# weights). So a quantized format's activations and KV cache count 4 bytes a value, and the cache
-# chunk being read (up to 64 MB, mapped) counts on top of the runtime.
-QUANT_ACTIVATION_BYTES = 4
+# A quantized format's activations and KV cache are in its compute dtype, and the cache chunk being
+# read (up to 64 MB, mapped) counts on top. Measured at the benchmark shape on a fresh `make setup`
+# venv (chat --prompt, 4096-token context): int4 peaks at 0.56-0.65 GiB, fp32 at 0.83.
 QUANT_CHUNK_BYTES = 64 << 20
 
 
@@ -276,7 +273,7 @@ def model_bytes(ctx: Context, dtype: str, *, on_cpu: bool = False) -> tuple[int,
         hidden = config.get("hidden_size") or DEFAULT_CONFIG["hidden_size"]
         embedded = min(params, int(config.get("vocab_size") or 92544) * hidden)
         weights = int((params - embedded) * linear + embedded * embedding)
-        size = QUANT_ACTIVATION_BYTES
+        size = DTYPE_BYTES[compute]
         # The quantized cache is read one chunk at a time (its first build streams the folder tensor
         # by tensor), so no shard is ever mapped whole.
         parts = memory_estimate(config, params, size, tokens, on_cpu=on_cpu, weight_bytes=weights)

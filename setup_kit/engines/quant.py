@@ -416,7 +416,10 @@ def install(model, where: Path, fmt: str, dtype) -> None:
                     module = Int4Linear(f.get_tensor(key).clone(), f.get_tensor(f"{base}.sz").clone())
                 else:
                     value = f.get_tensor(key).to(dtype).clone()
-                    set_module_tensor_to_device(model, key, "cpu", value=value)
+                    # dtype given: without it accelerate casts to the empty model's fp32, and fp32
+                    # norms turned the whole residual stream fp32 behind bf16 matmuls (and on
+                    # transformers 4.38 failed SDPA: a bf16 mask against fp32 queries).
+                    set_module_tensor_to_device(model, key, "cpu", value=value, dtype=dtype)
                     continue
                 _replace(model, base.removesuffix(".weight"), module)
 
