@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from fixtures.venvs import make_venv, pip_install, site_packages
 from setup_kit.engines.base import DEFAULT_SYSTEM_PROMPT, GenerationParams
 from setup_kit.engines.openai_engine import OpenAIEngine, normalize_endpoint
 from setup_kit.errors import ChatError, KitError, UsageError
@@ -237,3 +238,25 @@ def test_tool_calls_from_a_kit_server_are_gathered_and_shown_readably(tool_serve
                  Terminal(out=io.StringIO(), err=Console(file=io.StringIO())))
     plain.turn("Weather in Paris?")
     assert "tool call" not in plain.term.out.getvalue()
+
+
+@pytest.mark.slow
+def test_a_kit_only_install_chats_with_an_endpoint_or_says_what_to_install(kit_core_venv, scripted_openai_server,
+                                                                           tmp_path):
+    # `pip install internlm-kit` alone has no torch: chat --endpoint must not need it (it used to die
+    # setting torch's threads). What it does need (an HTTP client) it names with the command.
+    env = {**os.environ, "INTERNLM_KIT_STATE_DIR": str(tmp_path), "NO_COLOR": "1"}
+    run = subprocess.run([str(kit_core_venv), "-m", "setup_kit", "chat", "--endpoint", scripted_openai_server.url,
+                          "--prompt", "say hi"], capture_output=True, text=True, env=env, timeout=120)
+    assert "Traceback" not in run.stderr and "bug in internlm-kit" not in run.stderr, run.stderr
+    assert run.returncode == 1 and "needs httpx" in run.stderr, run.stderr
+    fix = next(line for line in run.stderr.splitlines() if "pip install" in line)
+    assert f"{kit_core_venv} -m pip install" in fix
+    # The fix as printed, in a copy of that venv (cached venvs are never changed), then the chat works.
+    python = make_venv(tmp_path / "venv")
+    (site_packages(python) / "kit-core.pth").write_text(str(site_packages(kit_core_venv)) + "\n")
+    pip_install(python, "httpx")
+    run = subprocess.run([str(python), "-m", "setup_kit", "chat", "--endpoint", scripted_openai_server.url,
+                          "--prompt", "say hi"], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "echo: say hi" in run.stdout and "Traceback" not in run.stderr

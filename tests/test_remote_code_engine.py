@@ -133,9 +133,9 @@ def test_remote_code_chat_gives_the_native_reply_on_the_tutorial_transformers(
     """The doctor's import check passes, the remote code loads, and the decode loop over its legacy
     cache and end-of-turn ids gives what the native engine gives."""
     remote, banner = chat_json(tutorial_stack_venv, tiny_remote_code_dir, tmp_path / "state",
-                               "--engine", "remote-code")
+                               "--engine", "remote-code", "--dtype", "fp32")
     assert "remote-code engine (trust_remote_code)" in banner
-    native, banner = chat_json(tutorial_stack_venv, tiny_remote_code_dir, tmp_path / "state")
+    native, banner = chat_json(tutorial_stack_venv, tiny_remote_code_dir, tmp_path / "state", "--dtype", "fp32")
     assert "native engine" in banner
     assert remote["prompt_tokens"] == native["prompt_tokens"] > 0
     assert remote["completion_tokens"] == native["completion_tokens"] == 16

@@ -25,12 +25,27 @@ SERVER_HINT = ("Start one (`internlm-kit serve`, `lmdeploy serve api_server MODE
 _END = object()
 
 
+def require_httpx() -> None:
+    """httpx comes with the chat and serve extras (huggingface_hub's, uvicorn's client side), not
+    with `pip install internlm-kit` alone: say what to install instead of an ImportError."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("httpx") is None:
+        from setup_kit.checks.fixes import pip_install
+
+        raise KitError(f"chat --endpoint needs httpx, which this Python environment ({sys.executable}) "
+                       "does not have (it comes with the kit's `chat` and `serve` extras).",
+                       f"{pip_install(sys.executable, ['httpx'])} (or pip install 'internlm-kit[chat]')")
+
+
 def normalize_endpoint(url: str) -> str:
     """`http://host:8000`, `http://host:8000/` and `http://host:8000/v1` all mean the same API."""
     url = url.strip().rstrip("/")
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"--endpoint {url!r} is not an http(s) URL.",
                          fix="For example: --endpoint http://127.0.0.1:8000/v1")
+    require_httpx()
     import httpx
 
     try:
@@ -50,9 +65,9 @@ class OpenAIEngine:
     def __init__(self, endpoint: str, model: str | None = None, api_key: str | None = None,
                  *, connect_timeout: float = 10.0, context_window: int | None = None,
                  tools: list[dict] | None = None):
+        self.base_url = normalize_endpoint(endpoint)  # says what to install when httpx is missing
         import httpx
 
-        self.base_url = normalize_endpoint(endpoint)
         self.tools = tools  # OpenAI tool specs offered with every request (the chat command offers none)
         self.last_tool_calls: list[dict] = []  # the last reply's calls: {"id", "name", "arguments"}
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

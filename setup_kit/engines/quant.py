@@ -88,10 +88,15 @@ def default_threads(cores: int | None = None, load: float | None = None) -> int:
 
 def set_threads(threads: int | None) -> int:
     """torch's CPU threads: as asked, else `default_threads()` (torch's own default counts every
-    core, busy or not)."""
-    import torch
+    core, busy or not). Without torch (a kit-only install that chats with --endpoint, or serve
+    in a Python that lacks it, which then says what to install) there is nothing to set."""
+    import importlib.util
 
     chosen = threads or default_threads()
+    if importlib.util.find_spec("torch") is None:
+        return chosen
+    import torch
+
     if torch.get_num_threads() != chosen:
         torch.set_num_threads(chosen)
     return chosen

@@ -87,9 +87,14 @@ def encode_text(tokenizer, text: str, *, at_start: bool = False) -> list[int]:
     if not text:
         return []
     backend = None if at_start else _text_backend(tokenizer)
-    if backend is None:
-        return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
-    return backend.encode(text, add_special_tokens=False).ids
+    if backend is not None:
+        return backend.encode(text, add_special_tokens=False).ids
+    if not at_start and not getattr(tokenizer, "is_fast", True) and hasattr(tokenizer, "_tokenize"):
+        # A slow (sentencepiece) tokenizer, such as the model's own remote InternLM2Tokenizer: its
+        # call puts a "▁" before every text it is given, where a joint encoding has none after a
+        # control token; its `_tokenize` is sentencepiece's own encoding of the plain text.
+        return tokenizer.convert_tokens_to_ids(tokenizer._tokenize(text))
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
 def _text_backend(tokenizer):
