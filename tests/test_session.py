@@ -50,10 +50,15 @@ def test_every_exchange_joins_the_history_exactly_as_typed(engine):
 
 
 def test_an_interrupted_reply_is_kept(engine):
-    session = Session(engine, system="Be brief.", params=GenerationParams(max_new_tokens=200))
+    # Greedy, with a reply known to run past its first text: sampled, a reply that ended within a
+    # token or two (its text then arrives only at the end) made this fail now and then.
+    uninterrupted = Session(engine, system="Be brief.", params=greedy(200)).send("go")
+    assert uninterrupted.stats.completion_tokens > 5, uninterrupted.reply
+    session = Session(engine, system="Be brief.", params=greedy(200))
     cancel = threading.Event()
     result = session.send("go", cancel=cancel, on_text=lambda piece: cancel.set())
     assert result.stats.stop == "interrupt"
+    assert uninterrupted.reply.startswith(result.reply) and result.reply != uninterrupted.reply
     assert result.reply and 0 < result.stats.completion_tokens < 200
     assert session.history[-1] == {"role": "assistant", "content": result.reply}
 

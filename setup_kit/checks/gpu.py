@@ -31,9 +31,11 @@ QUANT_FORMATS = {
     "int4": (0.5 + 4 / 64, 1, "bfloat16"),  # two values a byte + a bf16 scale and offset per 64; int8 embedding rows
     "int8": (2, 1, "float32"),  # fbgemm's packed weights hold ~2 bytes a weight (3.2 GB at 1.8B); int8 embedding rows
 }
-# A quantized format's activations and KV cache are in its compute dtype, and the cache chunk being
-# read (up to 64 MB, mapped) counts on top. Measured at the benchmark shape on a fresh `make setup`
-# venv (chat --prompt, 4096-token context): int4 peaks at 0.56-0.65 GiB, fp32 at 0.83.
+# A quantized format's KV cache is in its compute dtype; its prompt's forward counts 4 bytes a value
+# (the kernels' fp32 intermediates), and the cache chunk being read (up to 64 MB, mapped) counts on
+# top. Measured at the benchmark shape (chat --prompt, 4096-token context) int4 peaked anywhere from
+# 0.56 to 0.86 GiB between runs, venvs and machine load; fp32 at 0.83-0.89.
+QUANT_ACTIVATION_BYTES = 4
 QUANT_CHUNK_BYTES = 64 << 20
 
 
@@ -277,6 +279,7 @@ def model_bytes(ctx: Context, dtype: str, *, on_cpu: bool = False) -> tuple[int,
         # The quantized cache is read one chunk at a time (its first build streams the folder tensor
         # by tensor), so no shard is ever mapped whole.
         parts = memory_estimate(config, params, size, tokens, on_cpu=on_cpu, weight_bytes=weights)
+        parts["activations"] = parts["activations"] * QUANT_ACTIVATION_BYTES // size
         parts["loading"] = QUANT_CHUNK_BYTES
         what = (f"{parameters(params)} ({source}) as {dtype} weights ({linear:.2f} bytes each, the embedding "
                 f"{embedding}) = {gib(parts['weights'])}, {compute} compute")
