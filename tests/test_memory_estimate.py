@@ -69,7 +69,7 @@ def test_the_doctors_estimate_holds_for_the_cpu_default_int4(bench_32k_dir, tmp_
     assert 3800 <= tokens <= 4096, tokens
     estimate, _ = model_bytes(Context(python=sys.executable, model=inspect_model_folder(bench_32k_dir)), "int4",
                               on_cpu=True)
-    # int4's peak moves more between runs than fp32's (0.56-0.86 GiB seen at this shape): the estimate
+    # int4's peak moves more between runs than fp32's (0.62-0.89 GiB seen at this shape): the estimate
     # must cover it and stay within 1.75x of it.
     assert max(peaks) <= estimate <= 1.75 * max(peaks), ([p / GIB for p in peaks], estimate / GIB)
     for asked in ("int4", "auto"):  # auto: this torch has the int4 kernels, so the engine's default is int4

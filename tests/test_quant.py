@@ -62,9 +62,9 @@ def test_quantized_logits_stay_close_to_the_reference(folder, state, fmt, most_e
     assert not [n for n, m in engine.model.named_modules() if isinstance(m, torch.nn.Linear)]
     assert type(engine.model.model.embed_tokens).__name__ == "Int8Embedding"
     assert engine.info.parameters == NativeEngine(folder, device="cpu", dtype="fp32").info.parameters
-    # What is not quantized (the norms) is in the compute dtype, so the residual stream is too: fp32
-    # norms made it fp32 behind the int4 matmuls (and failed SDPA on transformers 4.38).
-    compute = {"int8": torch.float32, "int4": torch.bfloat16}[fmt]
+    # What is not quantized (the norms) and the residual stream are in the compute dtype, fp32, with
+    # the embedding's output too: a bf16 embedding before fp32 norms failed SDPA on transformers 4.38.
+    compute = torch.float32
     assert {p.dtype for p in engine.model.parameters()} == {compute}
     seen = []
     hook = engine.model.model.layers[0].register_forward_hook(lambda m, args, out: seen.append(out[0].dtype
@@ -139,7 +139,7 @@ def test_a_converted_llama_folder_quantizes_too(tiny_llama_dir, state):
 def test_cpu_defaults(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     device, compute, fmt, reason, _ = choose_format("auto", "auto")
-    assert (device, compute, fmt) == ("cpu", "bf16", "int4") and "int4" in reason
+    assert (device, compute, fmt) == ("cpu", "fp32", "int4") and "int4" in reason
     assert choose_format("cpu", "fp32")[1:3] == ("fp32", None)
     assert choose_format("auto", "int8")[:3] == ("cpu", "fp32", "int8")
     # A torch without the int4 kernels (before 2.6): int8.

@@ -28,14 +28,13 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # The native engine's quantized CPU formats (setup_kit/engines/quant.py): bytes held per weight of a
 # linear layer and of the embedding table, and the compute dtype of activations and the KV cache.
 QUANT_FORMATS = {
-    "int4": (0.5 + 4 / 64, 1, "bfloat16"),  # two values a byte + a bf16 scale and offset per 64; int8 embedding rows
+    "int4": (0.5 + 4 / 64, 1, "float32"),  # two values a byte + a bf16 scale and offset per 64; int8 embedding rows
     "int8": (2, 1, "float32"),  # fbgemm's packed weights hold ~2 bytes a weight (3.2 GB at 1.8B); int8 embedding rows
 }
-# A quantized format's KV cache is in its compute dtype; its prompt's forward counts 4 bytes a value
-# (the kernels' fp32 intermediates), and the cache chunk being read (up to 64 MB, mapped) counts on
-# top. Measured at the benchmark shape (chat --prompt, 4096-token context) int4 peaked anywhere from
-# 0.56 to 0.86 GiB between runs, venvs and machine load; fp32 at 0.83-0.89.
-QUANT_ACTIVATION_BYTES = 4
+# A quantized format's KV cache and activations are in its compute dtype (fp32), and the cache chunk
+# being read (up to 64 MB, mapped) counts on top. Measured at the benchmark shape (chat --prompt,
+# 4096-token context), int4 peaked anywhere from 0.62 to 0.89 GiB between runs, venvs and machine
+# load; fp32 at 0.83-0.89.
 QUANT_CHUNK_BYTES = 64 << 20
 
 
@@ -279,7 +278,6 @@ def model_bytes(ctx: Context, dtype: str, *, on_cpu: bool = False) -> tuple[int,
         # The quantized cache is read one chunk at a time (its first build streams the folder tensor
         # by tensor), so no shard is ever mapped whole.
         parts = memory_estimate(config, params, size, tokens, on_cpu=on_cpu, weight_bytes=weights)
-        parts["activations"] = parts["activations"] * QUANT_ACTIVATION_BYTES // size
         parts["loading"] = QUANT_CHUNK_BYTES
         what = (f"{parameters(params)} ({source}) as {dtype} weights ({linear:.2f} bytes each, the embedding "
                 f"{embedding}) = {gib(parts['weights'])}, {compute} compute")
