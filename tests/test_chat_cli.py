@@ -320,5 +320,7 @@ def test_ctrl_c_during_a_prompt_reply_keeps_what_was_said_and_exits_130(endless_
     process.send_signal(signal.SIGINT)
     rest, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
-    assert (first + rest).strip()
+    # Not .strip(): the tiny model's reply may be control characters such as "\x1e", which str.strip()
+    # counts as whitespace (a reply of "\x1e" failed this once); only the kit's own newline goes.
+    assert (first + rest).rstrip("\n")
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
