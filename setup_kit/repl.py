@@ -12,6 +12,7 @@ Three ways in, one loop underneath:
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -281,6 +282,7 @@ class _sigint_sets:
     def __init__(self, cancel: threading.Event):
         self.cancel = cancel
         self.previous = None
+        self.tty = None  # (fd, attributes before) while NOFLSH is set
 
     def _handler(self, signum, frame):
         if self.cancel.is_set():
@@ -290,12 +292,46 @@ class _sigint_sets:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self._handler)
+            self.tty = _set_noflsh()
         return self
 
     def __exit__(self, *exc):
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
+        if self.tty is not None:
+            _restore_tty(*self.tty)
         return False
+
+
+def _set_noflsh():
+    """NOFLSH on the terminal while a reply streams: without it the terminal driver discards output
+    still in transit when Ctrl-C arrives, so the reply's last piece could be kept in the conversation
+    without ever reaching the screen (seen once in the REPL test under load). (fd, old attributes),
+    or None where stdin is no terminal."""
+    try:
+        import termios
+    except ImportError:  # not POSIX
+        return None
+    try:
+        fd = sys.stdin.fileno()
+        if not os.isatty(fd):
+            return None
+        before = termios.tcgetattr(fd)
+        after = list(before)
+        after[3] |= termios.NOFLSH
+        termios.tcsetattr(fd, termios.TCSANOW, after)
+        return fd, before
+    except (OSError, ValueError, AttributeError, termios.error):
+        return None
+
+
+def _restore_tty(fd: int, attributes) -> None:
+    import termios
+
+    try:
+        termios.tcsetattr(fd, termios.TCSANOW, attributes)
+    except (OSError, termios.error):
+        pass
 
 
 def _setup_readline(history_file: Path | None):

@@ -255,3 +255,26 @@ def test_loading_a_hand_edited_file_with_bad_settings_is_a_clear_message_and_the
     assert [m["content"] for m in chat.requests()[-1] if m["role"] == "user"] == ["remember me", "still there?"]
     chat.child.sendeof()
     assert chat.close() == 0
+
+
+def test_a_reply_streams_with_noflsh_and_the_terminal_is_given_back_as_it_was(monkeypatch):
+    # Ctrl-C must not make the terminal driver throw away output in transit (the last piece of a kept
+    # reply would never reach the screen); the terminal's own settings come back after the reply.
+    import pty
+    import termios
+    import threading
+
+    from setup_kit.repl import _sigint_sets
+
+    master, slave = pty.openpty()
+    try:
+        with os.fdopen(os.dup(slave), "r") as stdin:
+            monkeypatch.setattr(sys, "stdin", stdin)
+            before = termios.tcgetattr(slave)
+            assert not before[3] & termios.NOFLSH
+            with _sigint_sets(threading.Event()):
+                assert termios.tcgetattr(slave)[3] & termios.NOFLSH
+            assert termios.tcgetattr(slave) == before
+    finally:
+        os.close(master)
+        os.close(slave)
