@@ -26,10 +26,10 @@ CONTEXT_TOKENS = 4096  # the KV cache the memory estimate leaves room for
 OVERHEAD_BYTES = 1 << 30  # on a GPU: the CUDA context and the allocator's slack
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # The native engine's quantized CPU formats (setup_kit/engines/quant.py): bytes held per weight of a
-# linear layer and of the embedding table, and the compute dtype of activations and the KV cache.
+# linear layer and of the embedding table (the compute dtype is quant.compute_dtype's).
 QUANT_FORMATS = {
-    "int4": (0.5 + 4 / 64, 1, "float32"),  # two values a byte + a bf16 scale and offset per 64; int8 embedding rows
-    "int8": (2, 1, "float32"),  # fbgemm's packed weights hold ~2 bytes a weight (3.2 GB at 1.8B); int8 embedding rows
+    "int4": (0.5 + 4 / 64, 1),  # two values a byte + a bf16 scale and offset per 64; int8 embedding rows
+    "int8": (2, 1),  # fbgemm's packed weights hold ~2 bytes a weight (3.2 GB at 1.8B); int8 embedding rows
 }
 # A quantized format's KV cache and activations are in its compute dtype (fp32), and the cache chunk
 # being read (up to 64 MB, mapped) counts on top. Measured at the benchmark shape (chat --prompt,
@@ -270,7 +270,11 @@ def model_bytes(ctx: Context, dtype: str, *, on_cpu: bool = False) -> tuple[int,
     shard = max((w.size for w in model.weight_files), default=0) if model else 2 * 2**30
     source = "the model folder's shards" if model and model.parameters else "internlm2-chat-1_8b"
     if dtype in QUANT_FORMATS:
-        linear, embedding, compute = QUANT_FORMATS[dtype]
+        from setup_kit import dtypes
+        from setup_kit.engines.quant import compute_dtype
+
+        linear, embedding = QUANT_FORMATS[dtype]
+        compute = dtypes.torch_name(compute_dtype(dtype))
         hidden = config.get("hidden_size") or DEFAULT_CONFIG["hidden_size"]
         embedded = min(params, int(config.get("vocab_size") or 92544) * hidden)
         weights = int((params - embedded) * linear + embedded * embedding)
