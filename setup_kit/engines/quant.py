@@ -425,9 +425,9 @@ def install(model, where: Path, fmt: str, dtype) -> None:
                     module = Int4Linear(f.get_tensor(key).clone(), f.get_tensor(f"{base}.sz").clone())
                 else:
                     value = f.get_tensor(key).to(dtype).clone()
-                    # dtype given: without it accelerate casts to the empty model's fp32, and fp32
-                    # norms turned the whole residual stream fp32 behind bf16 matmuls (and on
-                    # transformers 4.38 failed SDPA: a bf16 mask against fp32 queries).
+                    # dtype given: without it accelerate casts to the empty model's own dtype,
+                    # whatever compute dtype the format declares (norms and embedding output must
+                    # agree: on transformers 4.38 a mask and queries of two dtypes fail SDPA).
                     set_module_tensor_to_device(model, key, "cpu", value=value, dtype=dtype)
                     continue
                 _replace(model, base.removesuffix(".weight"), module)
