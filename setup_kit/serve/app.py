@@ -68,6 +68,7 @@ class ServedModel:
     default_max_tokens: int = DEFAULT_MAX_TOKENS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     aliases: tuple[str, ...] = ()  # other names requests may use: the folder's, the hub repo it came from
+    notes: tuple[str, ...] = ()  # how the model runs, for the start-up banner (serve.cpu_linear's choice)
     _grammars: Grammars | None = field(default=None, repr=False, compare=False)
 
     def answers_to(self, name: str) -> bool:

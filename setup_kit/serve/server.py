@@ -45,9 +45,14 @@ def load_served_model(model_dir: Path, model_id: str, *, device: str = "auto", d
     from setup_kit.engines.native import load_model_and_tokenizer
 
     model, tokenizer, info = load_model_and_tokenizer(model_dir, device=device, dtype=dtype)
-    return served_model(model, tokenizer, model_id, max_batch=max_batch, max_queue=max_queue,
-                        eos_ids=set(info.eos_token_ids), system=system,
-                        default_max_tokens=default_max_tokens, max_body_bytes=max_body_bytes)
+    from setup_kit.serve import cpu_linear
+
+    faster = cpu_linear.prepare(model, max_rows=max_batch)
+    served = served_model(model, tokenizer, model_id, max_batch=max_batch, max_queue=max_queue,
+                          eos_ids=set(info.eos_token_ids), system=system,
+                          default_max_tokens=default_max_tokens, max_body_bytes=max_body_bytes)
+    served.notes = (faster,) if faster else ()
+    return served
 
 
 def uvicorn_server(served: ServedModel, *, host: str, port: int, api_key: str | None,
@@ -154,7 +159,8 @@ def serve(options: ServeOptions) -> int:
     console.print(f"internlm-kit serve: model '{name}' (context {served.context_window} tokens)\n"
                   f"  chat page:  http://{shown}:{options.port}/\n"
                   f"  OpenAI API: http://{shown}:{options.port}/v1"
-                  + ("  (API key required)" if options.api_key else ""))
+                  + ("  (API key required)" if options.api_key else "")
+                  + "".join(f"\n  {note}" for note in served.notes))
     console.print(openai_snippet(name, f"http://{shown}:{options.port}/v1", options.api_key), soft_wrap=True)
     run(served, host=options.host, port=options.port, api_key=options.api_key)
     return 0
